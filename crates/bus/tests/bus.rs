@@ -1,0 +1,153 @@
+//! The bus against a real nats-server started by the test.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hg_bus::consumer::{ConsumerSpec, WatchedConsumer};
+use hg_bus::lease::Lease;
+use hg_bus::{Bus, BusConfig};
+use hg_proto::{InboundMessage, subject};
+use hg_testkit::nats::NatsServer;
+use tokio_util::sync::CancellationToken;
+
+fn config(server: &NatsServer) -> BusConfig {
+    BusConfig {
+        url: server.url(),
+        ..BusConfig::default()
+    }
+}
+
+fn inbound(id: &str) -> InboundMessage {
+    InboundMessage {
+        id: id.into(),
+        platform: "web".into(),
+        app_id: "a".into(),
+        text: format!("text {id}"),
+        ..Default::default()
+    }
+}
+
+type Seen = Arc<Mutex<Vec<String>>>;
+
+fn spawn_consumer(bus: &Bus, durable: &str, stop: &CancellationToken) -> Seen {
+    let seen: Seen = Arc::default();
+    let mut spec = ConsumerSpec::new(subject::STREAM_IN, durable, "hg.in.>");
+    spec.heartbeat = Duration::from_millis(500);
+    spec.expires = Duration::from_secs(2);
+    spec.stall_after = Duration::from_secs(2);
+    let bus = bus.clone();
+    let stop = stop.clone();
+    let log = Arc::clone(&seen);
+    tokio::spawn(async move {
+        let consumer = WatchedConsumer::create(&bus, spec).await.unwrap();
+        consumer
+            .run(stop, move |d| {
+                let msg: InboundMessage = hg_bus::decode(d.payload()).unwrap();
+                log.lock().unwrap().push(msg.id);
+                tokio::spawn(async move { d.ack().await });
+            })
+            .await
+    });
+    seen
+}
+
+async fn wait_for(seen: &Seen, n: usize) -> Vec<String> {
+    for _ in 0..200 {
+        if seen.lock().unwrap().len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    seen.lock().unwrap().clone()
+}
+
+#[tokio::test]
+async fn duplicate_message_ids_are_stored_once() {
+    let server = NatsServer::start();
+    let bus = Bus::connect(&config(&server)).await.unwrap();
+    let subject = subject::inbound("web", "a");
+    let first = bus.publish(&subject, &inbound("m1"), Some("m1")).await.unwrap();
+    let again = bus.publish(&subject, &inbound("m1"), Some("m1")).await.unwrap();
+    assert!(!first.duplicate);
+    assert!(again.duplicate, "second publish with the same id must be dropped");
+    let stop = CancellationToken::new();
+    let seen = spawn_consumer(&bus, "dups", &stop);
+    assert_eq!(wait_for(&seen, 1).await, vec!["m1"]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn consumer_recovers_after_the_server_restarts() {
+    let mut server = NatsServer::start();
+    let bus = Bus::connect(&config(&server)).await.unwrap();
+    let stop = CancellationToken::new();
+    let seen = spawn_consumer(&bus, "restart", &stop);
+    let subject = subject::inbound("web", "a");
+    bus.publish(&subject, &inbound("before"), Some("before")).await.unwrap();
+    assert_eq!(wait_for(&seen, 1).await, vec!["before"]);
+
+    // A restarted server has forgotten every outstanding pull request while
+    // the client still counts them: the stall the watchdog exists for.
+    server.restart();
+    let mut published = false;
+    for _ in 0..100 {
+        if bus.publish(&subject, &inbound("after"), Some("after")).await.is_ok() {
+            published = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(published, "publish after restart");
+    assert_eq!(wait_for(&seen, 2).await, vec!["before", "after"]);
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn consumer_recovers_when_its_consumer_is_deleted() {
+    let server = NatsServer::start();
+    let bus = Bus::connect(&config(&server)).await.unwrap();
+    let stop = CancellationToken::new();
+    let seen = spawn_consumer(&bus, "deleted", &stop);
+    let subject = subject::inbound("web", "a");
+    bus.publish(&subject, &inbound("one"), Some("one")).await.unwrap();
+    wait_for(&seen, 1).await;
+    let stream = bus.jetstream().get_stream(subject::STREAM_IN).await.unwrap();
+    stream.delete_consumer("deleted").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    bus.publish(&subject, &inbound("two"), Some("two")).await.unwrap();
+    let seen = wait_for(&seen, 2).await;
+    assert!(seen.contains(&"two".to_owned()), "{seen:?}");
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn one_lease_holder_at_a_time_and_takeover_after_release() {
+    let server = NatsServer::start();
+    let bus = Bus::connect(&config(&server)).await.unwrap();
+    let a = Lease::open(&bus, "hg_test_leases", Duration::from_secs(30), "a").await.unwrap();
+    let b = Lease::open(&bus, "hg_test_leases", Duration::from_secs(30), "b").await.unwrap();
+    assert!(a.acquire("chat.1").await.unwrap());
+    assert!(a.acquire("chat.1").await.unwrap(), "owner refreshes its lease");
+    assert!(!b.acquire("chat.1").await.unwrap());
+    assert_eq!(b.holder("chat.1").await.unwrap().as_deref(), Some("a"));
+    b.release("chat.1").await.unwrap();
+    assert!(!b.acquire("chat.1").await.unwrap(), "release by a non-owner does nothing");
+    a.release("chat.1").await.unwrap();
+    assert!(b.acquire("chat.1").await.unwrap());
+}
+
+#[tokio::test]
+async fn unknown_nats_url_fails_with_a_clear_error() {
+    let port = hg_testkit::nats::free_port();
+    let err = Bus::connect(&BusConfig {
+        url: format!("nats://127.0.0.1:{port}"),
+        connect_timeout: Duration::from_millis(500),
+        ..BusConfig::default()
+    })
+    .await
+    .err()
+    .expect("connect must fail");
+    assert!(err.to_string().contains("cannot connect to nats"), "{err}");
+}

@@ -1,0 +1,13 @@
+//! Compiles `proto/harnessgate/v1/*.proto` with protox (pure Rust), so no
+//! system `protoc` is needed.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let files = ["harnessgate/v1/bus.proto"];
+    for f in files {
+        println!("cargo:rerun-if-changed={}", root.join(f).display());
+    }
+    let fds = protox::compile(files, [&root])?;
+    prost_build::Config::new().compile_fds(fds)?;
+    Ok(())
+}
