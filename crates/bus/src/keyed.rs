@@ -30,11 +30,12 @@ struct Inner<T, H> {
 impl<T, H, F> KeyedWorkers<T, H>
 where
     T: Send + 'static,
-    H: Fn(String, T) -> F + Send + Sync + 'static,
+    H: Fn(String, T, usize) -> F + Send + Sync + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
-    /// Workers that call `handler(key, item)` for each item, in order per
-    /// key, and stop after `idle` without items. Workers are tracked by
+    /// Workers that call `handler(key, item, queued)` for each item, in
+    /// order per key, where `queued` is how many items of the key wait
+    /// behind this one; workers stop after `idle` without items. Workers are tracked by
     /// `tracker` and stop taking new items when `shutdown` fires.
     pub fn new(
         handler: H,
@@ -81,7 +82,7 @@ where
 impl<T, H, F> Inner<T, H>
 where
     T: Send + 'static,
-    H: Fn(String, T) -> F + Send + Sync + 'static,
+    H: Fn(String, T, usize) -> F + Send + Sync + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
     async fn work(self: Arc<Self>, key: String, mut rx: mpsc::UnboundedReceiver<T>) {
@@ -93,14 +94,14 @@ where
                 () = self.shutdown.cancelled() => None,
             };
             match next {
-                Some(item) => (self.handler)(key.clone(), item).await,
+                Some(item) => (self.handler)(key.clone(), item, rx.len()).await,
                 None => {
                     // Retire, unless an item slipped in while we decided to.
                     let mut workers = self.workers.lock().expect("workers lock");
                     match rx.try_recv() {
                         Ok(item) if !self.shutdown.is_cancelled() => {
                             drop(workers);
-                            (self.handler)(key.clone(), item).await;
+                            (self.handler)(key.clone(), item, rx.len()).await;
                         }
                         _ => {
                             workers.remove(&key);
@@ -123,7 +124,7 @@ mod tests {
         let tracker = TaskTracker::new();
         let log = Arc::clone(&seen);
         let workers = KeyedWorkers::new(
-            move |key: String, n: u32| {
+            move |key: String, n: u32, _queued: usize| {
                 let log = Arc::clone(&log);
                 async move {
                     // Key "slow" sleeps; "fast" must not wait for it.

@@ -1,0 +1,206 @@
+//! The bridge: consumes inbound messages, keeps one runtime session per
+//! conversation, drives the agent runtime and publishes its replies.
+//!
+//! All bridge replicas share one durable consumer on `hg.in.>`. Messages of
+//! one conversation are processed in order: within a replica by a worker
+//! per conversation, across replicas by a lease per conversation in KV.
+
+pub mod provider;
+pub mod routing;
+pub mod session;
+mod turn;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hg_bus::consumer::{ConsumerSpec, Delivery, WatchedConsumer};
+use hg_bus::keyed::KeyedWorkers;
+use hg_bus::lease::Lease;
+use hg_bus::{Bus, BusError};
+use hg_proto::{InboundMessage, subject};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::provider::Provider;
+use crate::routing::{ResolverConfig, Route, RouteRule, Router};
+use crate::session::SessionStore;
+
+/// KV bucket where components publish facts for each other (for example
+/// which runtime the bridge serves by default, shown by the web chat).
+pub const META_BUCKET: &str = "hg_meta";
+/// Key in [`META_BUCKET`] holding the default runtime's name.
+pub const META_DEFAULT_RUNTIME: &str = "bridge.default_runtime";
+
+/// Bridge settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BridgeConfig {
+    /// Static routing rules, first match wins.
+    pub routes: Vec<RouteRule>,
+    /// Route for messages no rule matched (none: not served).
+    pub default_route: Option<Route>,
+    pub resolver: ResolverConfig,
+    /// A turn that has not ended after this long is abandoned and the user
+    /// told so.
+    #[serde(with = "humantime_serde")]
+    pub turn_timeout: Duration,
+    /// Deliveries of one inbound message while the runtime is unavailable,
+    /// before it is dead-lettered.
+    pub max_attempts: u32,
+    /// First delay before retrying an inbound the runtime could not take;
+    /// doubles per attempt.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff: Duration,
+    /// How long a replica's hold on a conversation lasts without refresh.
+    #[serde(with = "humantime_serde")]
+    pub session_lease_ttl: Duration,
+    /// Inbound messages in flight across all replicas.
+    pub max_in_flight: i64,
+    /// Timeout of a custom tool call on `hg.tool.<name>`.
+    #[serde(with = "humantime_serde")]
+    pub tool_timeout: Duration,
+}
+
+impl Default for BridgeConfig {
+    fn default() -> Self {
+        BridgeConfig {
+            routes: Vec::new(),
+            default_route: None,
+            resolver: ResolverConfig::default(),
+            turn_timeout: Duration::from_secs(600),
+            max_attempts: 5,
+            retry_backoff: Duration::from_secs(2),
+            session_lease_ttl: Duration::from_secs(30),
+            max_in_flight: 10_000,
+            tool_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The runtimes a bridge can route to, by name.
+#[derive(Clone, Default)]
+pub struct Providers {
+    by_name: HashMap<String, Arc<dyn Provider>>,
+}
+
+impl Providers {
+    /// Registers `provider` under its name.
+    pub fn with(mut self, provider: Arc<dyn Provider>) -> Self {
+        self.by_name.insert(provider.name().to_owned(), provider);
+        self
+    }
+
+    /// The runtime called `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Provider>> {
+        self.by_name.get(name)
+    }
+
+    /// Registered runtime names.
+    pub fn names(&self) -> Vec<&str> {
+        self.by_name.keys().map(String::as_str).collect()
+    }
+}
+
+/// Errors that stop the bridge.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("route refers to runtime {0:?}, which is not configured")]
+    UnknownRuntime(String),
+}
+
+/// Runs a bridge replica until `shutdown` fires, then finishes the turns in
+/// hand (they resume on another replica if this one is killed instead).
+pub async fn run(
+    config: BridgeConfig,
+    bus: Bus,
+    providers: Providers,
+    shutdown: CancellationToken,
+) -> Result<(), BridgeError> {
+    let runtimes = config
+        .routes
+        .iter()
+        .filter(|r| !r.reject)
+        .filter_map(|r| r.runtime.clone())
+        .chain(config.default_route.iter().map(|r| r.runtime.clone()));
+    for runtime in runtimes {
+        if providers.get(&runtime).is_none() {
+            return Err(BridgeError::UnknownRuntime(runtime));
+        }
+    }
+    let replica = format!("bridge-{}", uuid::Uuid::new_v4().simple());
+    let sessions = SessionStore::open(&bus).await?;
+    let leases = Lease::open(&bus, "hg_session_leases", config.session_lease_ttl, &replica).await?;
+    let meta = bus
+        .kv(hg_bus::kv_config(META_BUCKET, "facts components share"))
+        .await?;
+    let default_runtime = config
+        .default_route
+        .as_ref()
+        .map(|r| r.runtime.clone())
+        .unwrap_or_default();
+    if let Err(e) = meta
+        .put(META_DEFAULT_RUNTIME, default_runtime.clone().into())
+        .await
+    {
+        tracing::warn!(error = %e, "cannot publish the default runtime");
+    }
+    if default_runtime == "echo" {
+        tracing::warn!(
+            "serving with the echo runtime: replies repeat the user's message (wiring check only); \
+             set ANTHROPIC_API_KEY, an agent id and an environment id to use Claude Managed Agents"
+        );
+    }
+    let mut spec = ConsumerSpec::new(subject::STREAM_IN, "bridge", "hg.in.>");
+    spec.max_ack_pending = config.max_in_flight;
+    let consumer = WatchedConsumer::create(&bus, spec).await?;
+    let router = Router::new(
+        config.routes.clone(),
+        config.default_route.clone(),
+        config.resolver.clone(),
+        bus.clone(),
+    );
+    let tracker = TaskTracker::new();
+    let bridge = Arc::new(turn::Bridge {
+        bus: bus.clone(),
+        config,
+        providers,
+        sessions,
+        leases,
+        router,
+    });
+    let workers_stop = CancellationToken::new();
+    let work = Arc::clone(&bridge);
+    let workers = KeyedWorkers::new(
+        move |key: String, (delivery, message): (Delivery, InboundMessage), queued: usize| {
+            let work = Arc::clone(&work);
+            async move { work.handle(key, delivery, message, queued).await }
+        },
+        Duration::from_secs(30),
+        tracker.clone(),
+        workers_stop.clone(),
+    );
+    tracing::info!(replica = %replica, "bridge started");
+    let result = consumer
+        .run(shutdown.clone(), |delivery| {
+            match hg_bus::decode::<InboundMessage>(delivery.payload()) {
+                Ok(message) => {
+                    let key = session::session_key(&message);
+                    workers.dispatch(&key, (delivery, message));
+                }
+                Err(e) => {
+                    let bridge = Arc::clone(&bridge);
+                    tracker.spawn(async move { bridge.reject_malformed(delivery, e).await });
+                }
+            }
+        })
+        .await;
+    workers_stop.cancel();
+    tracker.close();
+    tracker.wait().await;
+    tracing::info!(replica = %replica, "bridge stopped");
+    result.map_err(BridgeError::from)
+}

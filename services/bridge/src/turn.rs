@@ -1,0 +1,737 @@
+//! One inbound message, start to finish: lease, route, session, turn,
+//! reply, ack.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use hg_bus::consumer::Delivery;
+use hg_bus::lease::Lease;
+use hg_bus::{Bus, BusError};
+use hg_proto::{
+    AgentError, AgentEvent, AgentMessage, AgentThinking, ChatType, CustomToolRequest,
+    InboundMessage, OutboundKind, OutboundMessage, Status, ToolResult, ToolUse, Usage, agent_event,
+    subject,
+};
+use tracing::Instrument;
+
+use crate::BridgeConfig;
+use crate::Providers;
+use crate::provider::{
+    Provider, ProviderError, RuntimeEvent, SessionSpec, SessionState, StopReason, ToolDecision,
+    ToolOutput, UserFile, UserMessage,
+};
+use crate::routing::{Decision, Route, Router};
+use crate::session::{SessionRecord, SessionStore, TurnRecord};
+
+/// What the user reads when the runtime cannot be reached for now.
+const RETRYING_TEXT: &str = "⏳ The agent is unavailable right now. Your message is kept and will be retried.";
+/// What the user reads when we gave up on a message.
+const GAVE_UP_TEXT: &str = "❌ The agent could not be reached, so your message was not processed. Please try again later.";
+/// What the user reads when a turn took too long.
+const TIMEOUT_TEXT: &str = "⌛ The agent took too long to answer and was stopped.";
+/// Interval of ack-progress signals while a turn runs.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+pub(crate) struct Bridge {
+    pub bus: Bus,
+    pub config: BridgeConfig,
+    pub providers: Providers,
+    pub sessions: SessionStore,
+    pub leases: Lease,
+    pub router: Router,
+}
+
+/// How handling an inbound message ended, which decides the ack.
+enum Outcome {
+    /// Done (answered, rejected, or given up with the user told).
+    Done,
+    /// Try again later.
+    Retry { reason: String },
+    /// Another replica holds the conversation.
+    Busy,
+}
+
+impl Bridge {
+    pub(crate) async fn reject_malformed(&self, delivery: Delivery, error: BusError) {
+        let _ = self
+            .bus
+            .dead_letter(
+                "bridge",
+                delivery.subject(),
+                delivery.payload().clone(),
+                delivery.payload_type(),
+                &format!("malformed inbound payload: {error}"),
+                delivery.deliveries(),
+            )
+            .await;
+        let _ = delivery.term().await;
+    }
+
+    pub(crate) async fn handle(
+        &self,
+        key: String,
+        delivery: Delivery,
+        message: InboundMessage,
+        queued: usize,
+    ) {
+        let span = tracing::info_span!("inbound", session = %key, inbound = %message.id, platform = %message.platform);
+        hg_bus::trace::set_parent(&span, delivery.headers());
+        async {
+            let lease_key = subject::token(&key);
+            let outcome = match self.leases.acquire(&lease_key).await {
+                Ok(true) => self.process(&key, &delivery, &message).await,
+                Ok(false) => Outcome::Busy,
+                Err(e) => Outcome::Retry {
+                    reason: e.to_string(),
+                },
+            };
+            match outcome {
+                Outcome::Done => {
+                    if let Err(e) = delivery.ack().await {
+                        tracing::warn!(error = %e, "ack failed; the message may be redelivered");
+                    }
+                }
+                Outcome::Busy => {
+                    tracing::debug!("conversation held by another replica, redelivering");
+                    let _ = delivery.nak(Duration::from_millis(200)).await;
+                }
+                Outcome::Retry { reason } => self.retry_or_give_up(&delivery, &message, &reason).await,
+            }
+            // Hand the conversation to whichever replica gets its next
+            // message, unless more of it is already queued here.
+            if queued == 0 {
+                let _ = self.leases.release(&lease_key).await;
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn retry_or_give_up(&self, delivery: &Delivery, message: &InboundMessage, reason: &str) {
+        let attempt = delivery.deliveries();
+        if attempt >= self.config.max_attempts {
+            tracing::error!(attempt, reason, "giving up on inbound message");
+            let _ = self
+                .bus
+                .dead_letter(
+                    "bridge",
+                    delivery.subject(),
+                    delivery.payload().clone(),
+                    delivery.payload_type(),
+                    &format!("runtime unavailable after {attempt} attempts: {reason}"),
+                    attempt,
+                )
+                .await;
+            self.notify(message, "gave-up", GAVE_UP_TEXT).await;
+            let _ = delivery.term().await;
+            return;
+        }
+        if attempt == 1 {
+            self.notify(message, "retrying", RETRYING_TEXT).await;
+        }
+        let delay = self.config.retry_backoff * 2u32.saturating_pow(attempt.saturating_sub(1));
+        let delay = delay.min(Duration::from_secs(300));
+        tracing::warn!(attempt, delay_ms = delay.as_millis() as u64, reason, "runtime unavailable, will retry");
+        let _ = delivery.nak(delay).await;
+    }
+
+    async fn process(&self, key: &str, delivery: &Delivery, message: &InboundMessage) -> Outcome {
+        let route = match self.router.route(message, key).await {
+            Decision::Serve(route) => route,
+            Decision::Reject { message: text } => {
+                tracing::info!("sender not served");
+                if !text.is_empty() {
+                    self.notify(message, "rejected", &text).await;
+                }
+                return Outcome::Done;
+            }
+        };
+        let Some(provider) = self.providers.get(&route.runtime).cloned() else {
+            tracing::error!(runtime = %route.runtime, "route names an unknown runtime");
+            self.notify(message, "misrouted", "❌ This conversation is routed to a runtime that is not configured.").await;
+            return Outcome::Done;
+        };
+        let record = match self.sessions.get(key).await {
+            Ok(record) => record,
+            Err(e) => return Outcome::Retry { reason: e.to_string() },
+        };
+        let record = record.filter(|r| {
+            r.runtime == route.runtime
+                && r.agent_id == route.agent_id
+                && r.environment_id == route.environment_id
+        });
+        let resume = record
+            .as_ref()
+            .and_then(|r| r.last_turn.as_ref())
+            .filter(|t| t.inbound_id == message.id)
+            .cloned();
+        let mut record = match record {
+            Some(record) => record,
+            None => match self.new_session(key, &route, provider.as_ref()).await {
+                Ok(record) => record,
+                Err(e) => return self.turn_failed(message, e).await,
+            },
+        };
+        let turn = match resume {
+            Some(turn) => {
+                tracing::info!(turn = %turn.turn_id, "resuming a turn started before a restart");
+                TurnStart::Resume(turn)
+            }
+            None => TurnStart::New,
+        };
+        match self
+            .run_turn(key, delivery, message, provider.as_ref(), &mut record, turn)
+            .await
+        {
+            Err(TurnError::SessionGone) => {
+                // The runtime forgot the session: start a fresh one, once.
+                tracing::warn!("runtime session gone, starting a new one");
+                let _ = self.sessions.remove(key).await;
+                let mut record = match self.new_session(key, &route, provider.as_ref()).await {
+                    Ok(record) => record,
+                    Err(e) => return self.turn_failed(message, e).await,
+                };
+                match self
+                    .run_turn(key, delivery, message, provider.as_ref(), &mut record, TurnStart::New)
+                    .await
+                {
+                    Ok(()) => Outcome::Done,
+                    Err(e) => self.turn_failed(message, e).await,
+                }
+            }
+            Ok(()) => Outcome::Done,
+            Err(e) => self.turn_failed(message, e).await,
+        }
+    }
+
+    async fn turn_failed(&self, message: &InboundMessage, error: TurnError) -> Outcome {
+        match error {
+            TurnError::Transient(reason) => Outcome::Retry { reason },
+            TurnError::Bus(e) => Outcome::Retry {
+                reason: e.to_string(),
+            },
+            TurnError::SessionGone => Outcome::Retry {
+                reason: "runtime session disappeared twice".into(),
+            },
+            TurnError::Permanent(reason) => {
+                tracing::error!(reason = %reason, "runtime refused the message");
+                self.notify(
+                    message,
+                    "refused",
+                    &format!("❌ The agent runtime refused this message: {reason}"),
+                )
+                .await;
+                Outcome::Done
+            }
+        }
+    }
+
+    async fn new_session(
+        &self,
+        key: &str,
+        route: &Route,
+        provider: &dyn Provider,
+    ) -> Result<SessionRecord, TurnError> {
+        let spec = SessionSpec {
+            agent_id: route.agent_id.clone(),
+            environment_id: route.environment_id.clone(),
+            title: format!("HarnessGate {key}"),
+            metadata: [("harnessgate_session".to_owned(), truncate(key, 512))]
+                .into_iter()
+                .collect(),
+        };
+        let runtime_session_id = provider.create_session(&spec).await?;
+        tracing::info!(runtime = %route.runtime, runtime_session = %runtime_session_id, "runtime session created");
+        let record = SessionRecord {
+            runtime: route.runtime.clone(),
+            runtime_session_id,
+            agent_id: route.agent_id.clone(),
+            environment_id: route.environment_id.clone(),
+            created_ms: hg_proto::now_ms(),
+            turns: 0,
+            last_turn: None,
+        };
+        self.sessions.put(key, &record).await.map_err(TurnError::Bus)?;
+        Ok(record)
+    }
+
+    async fn run_turn(
+        &self,
+        key: &str,
+        delivery: &Delivery,
+        message: &InboundMessage,
+        provider: &dyn Provider,
+        record: &mut SessionRecord,
+        start: TurnStart,
+    ) -> Result<(), TurnError> {
+        let session_id = record.runtime_session_id.clone();
+        let (turn, mut events) = match start {
+            TurnStart::Resume(turn) => {
+                let events = provider
+                    .event_stream(&session_id, Some(&turn.anchor_event_id))
+                    .await
+                    .map_err(TurnError::from)?;
+                (turn, events)
+            }
+            TurnStart::New => {
+                self.typing(message, key, true).await;
+                // Open the stream first: the runtime streams only events
+                // produced after it connected.
+                let events = provider
+                    .event_stream(&session_id, None)
+                    .await
+                    .map_err(TurnError::from)?;
+                let user_message = to_user_message(message);
+                let anchor = provider
+                    .send_message(&session_id, &user_message)
+                    .await
+                    .map_err(TurnError::from)?;
+                let turn = TurnRecord {
+                    inbound_id: message.id.clone(),
+                    turn_id: format!("turn-{}", uuid::Uuid::now_v7().simple()),
+                    anchor_event_id: anchor,
+                };
+                record.turns += 1;
+                record.last_turn = Some(turn.clone());
+                self.sessions.put(key, record).await.map_err(TurnError::Bus)?;
+                (turn, events)
+            }
+        };
+        let mut buffer = TurnBuffer::default();
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + self.config.turn_timeout;
+        let mut progress = tokio::time::interval(PROGRESS_EVERY);
+        progress.tick().await;
+        loop {
+            let next = tokio::select! {
+                next = events.next() => next,
+                _ = progress.tick() => {
+                    let _ = delivery.progress().await;
+                    continue;
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!("turn timed out");
+                    let _ = provider.interrupt(&session_id).await;
+                    self.notify(message, &format!("{}:timeout", turn.turn_id), TIMEOUT_TEXT).await;
+                    return Ok(());
+                }
+            };
+            let event = match next {
+                Some(Ok(event)) => event,
+                Some(Err(e)) => return Err(TurnError::from(e)),
+                None => return Err(TurnError::Transient("runtime event stream ended".into())),
+            };
+            self.observe(key, provider, &session_id, &turn, &event).await;
+            match &event {
+                RuntimeEvent::AgentMessage { text, .. } => buffer.push(text),
+                RuntimeEvent::ToolUse {
+                    id,
+                    name,
+                    evaluated_permission: Some(permission),
+                    ..
+                } if permission == "ask" => buffer.asked_tools.push((id.clone(), name.clone())),
+                RuntimeEvent::Error {
+                    message: text,
+                    retry_status,
+                    ..
+                } if retry_status.as_deref() != Some("retrying") => buffer.error = Some(text.clone()),
+                RuntimeEvent::CustomToolUse { id, name, input } => {
+                    buffer.custom_tools.push(id.clone());
+                    self.run_custom_tool(provider, &session_id, id, name, input).await?;
+                }
+                RuntimeEvent::Status {
+                    state: SessionState::Idle,
+                    stop_reason: Some(StopReason::RequiresAction { event_ids }),
+                    ..
+                } => {
+                    self.answer_required_actions(message, provider, &session_id, &turn, &buffer, event_ids)
+                        .await?;
+                }
+                _ => {}
+            }
+            if event.ends_turn() {
+                if let RuntimeEvent::Status {
+                    state,
+                    stop_reason,
+                    ..
+                } = &event
+                {
+                    buffer.note_stop(*state, stop_reason.as_ref());
+                }
+                break;
+            }
+        }
+        metrics::histogram!("hg_bridge_turn_seconds", "runtime" => provider.name())
+            .record(started.elapsed().as_secs_f64());
+        self.publish_reply(message, key, &turn, buffer).await
+    }
+
+    async fn publish_reply(
+        &self,
+        message: &InboundMessage,
+        key: &str,
+        turn: &TurnRecord,
+        buffer: TurnBuffer,
+    ) -> Result<(), TurnError> {
+        let (kind, text) = match buffer.finish() {
+            Some(reply) => reply,
+            None => {
+                self.typing(message, key, false).await;
+                return Ok(());
+            }
+        };
+        let mut out = self.outbound(message, kind, text);
+        out.id = format!("{}:reply", turn.turn_id);
+        out.session_key = key.to_owned();
+        out.turn_id = turn.turn_id.clone();
+        // Same id on a resumed turn: the stream drops the duplicate.
+        let msg_id = format!("{}:{}:reply", message.platform, message.id);
+        self.bus
+            .publish(&subject::outbound(&message.platform, &message.app_id), &out, Some(&msg_id))
+            .await
+            .map_err(TurnError::Bus)?;
+        metrics::counter!("hg_bridge_replies_total").increment(1);
+        Ok(())
+    }
+
+    /// Tool-permission requests arrive with the approvals feature; until a
+    /// route enables it, "ask" tools are denied with a reason the agent can
+    /// read, and the user is told.
+    async fn answer_required_actions(
+        &self,
+        message: &InboundMessage,
+        provider: &dyn Provider,
+        session_id: &str,
+        turn: &TurnRecord,
+        buffer: &TurnBuffer,
+        event_ids: &[String],
+    ) -> Result<(), TurnError> {
+        for event_id in event_ids {
+            if buffer.custom_tools.contains(event_id) {
+                continue;
+            }
+            let tool = buffer
+                .asked_tools
+                .iter()
+                .find(|(id, _)| id == event_id)
+                .map(|(_, name)| name.as_str())
+                .unwrap_or("a tool");
+            provider
+                .confirm_tool(
+                    session_id,
+                    event_id,
+                    ToolDecision::Deny {
+                        message: Some("tool approvals are not enabled on this gateway".into()),
+                    },
+                )
+                .await
+                .map_err(TurnError::from)?;
+            self.notify(
+                message,
+                &format!("{}:denied:{event_id}", turn.turn_id),
+                &format!("🚫 The agent asked to use {tool}; approvals are not enabled here, so it was denied."),
+            )
+            .await;
+        }
+        Ok(())
+    }
+
+    async fn run_custom_tool(
+        &self,
+        provider: &dyn Provider,
+        session_id: &str,
+        tool_use_id: &str,
+        name: &str,
+        input: &serde_json::Value,
+    ) -> Result<(), TurnError> {
+        let request = self
+            .bus
+            .client()
+            .request(subject::tool(name), serde_json::to_vec(input).unwrap_or_default().into());
+        let output = match tokio::time::timeout(self.config.tool_timeout, request).await {
+            Ok(Ok(reply)) => ToolOutput {
+                content: String::from_utf8_lossy(&reply.payload).into_owned(),
+                is_error: reply
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Hg-Tool-Error"))
+                    .is_some(),
+            },
+            Ok(Err(e)) => ToolOutput {
+                content: format!("tool {name} is not available: {e}"),
+                is_error: true,
+            },
+            Err(_) => ToolOutput {
+                content: format!("tool {name} did not answer within {:?}", self.config.tool_timeout),
+                is_error: true,
+            },
+        };
+        provider
+            .submit_tool_result(session_id, tool_use_id, output)
+            .await
+            .map_err(TurnError::from)
+    }
+
+    /// Publishes tool use, thinking, status, usage and errors on
+    /// `hg.events.<session>` for observers (best effort, core NATS).
+    async fn observe(
+        &self,
+        key: &str,
+        provider: &dyn Provider,
+        session_id: &str,
+        turn: &TurnRecord,
+        event: &RuntimeEvent,
+    ) {
+        let payload = match event {
+            RuntimeEvent::AgentMessage { text, .. } => agent_event::Event::Message(AgentMessage {
+                text: text.clone(),
+            }),
+            RuntimeEvent::Thinking { text, .. } => {
+                agent_event::Event::Thinking(AgentThinking { text: text.clone() })
+            }
+            RuntimeEvent::ToolUse {
+                id,
+                name,
+                input,
+                evaluated_permission,
+                server_name,
+            } => agent_event::Event::ToolUse(ToolUse {
+                tool_use_id: id.clone(),
+                name: name.clone(),
+                input_json: input.to_string(),
+                evaluated_permission: evaluated_permission.clone().unwrap_or_default(),
+                server_name: server_name.clone().unwrap_or_default(),
+            }),
+            RuntimeEvent::ToolResult {
+                tool_use_id,
+                content,
+                is_error,
+                ..
+            } => agent_event::Event::ToolResult(ToolResult {
+                tool_use_id: tool_use_id.clone(),
+                content: content.clone(),
+                is_error: *is_error,
+            }),
+            RuntimeEvent::CustomToolUse { id, name, input } => {
+                agent_event::Event::CustomToolRequest(CustomToolRequest {
+                    tool_use_id: id.clone(),
+                    name: name.clone(),
+                    input_json: input.to_string(),
+                })
+            }
+            RuntimeEvent::Status {
+                state, stop_reason, ..
+            } => agent_event::Event::Status(Status {
+                state: state_name(*state).into(),
+                stop_reason: stop_reason.as_ref().map(stop_name).unwrap_or_default().into(),
+            }),
+            RuntimeEvent::Usage { usage, .. } => agent_event::Event::Usage(Usage {
+                input_tokens: usage.input_tokens,
+                output_tokens: usage.output_tokens,
+                cache_read_input_tokens: usage.cache_read_input_tokens,
+                cache_creation_input_tokens: usage.cache_creation_input_tokens,
+            }),
+            RuntimeEvent::Error {
+                kind,
+                message,
+                retry_status,
+                ..
+            } => agent_event::Event::Error(AgentError {
+                kind: kind.clone(),
+                message: message.clone(),
+                retry_status: retry_status.clone().unwrap_or_default(),
+            }),
+            RuntimeEvent::AgentMessageDelta { .. } | RuntimeEvent::Other { .. } => return,
+        };
+        let out = AgentEvent {
+            id: event.id().to_owned(),
+            session_key: key.to_owned(),
+            runtime: provider.name().to_owned(),
+            runtime_session_id: session_id.to_owned(),
+            turn_id: turn.turn_id.clone(),
+            timestamp_ms: hg_proto::now_ms(),
+            event: Some(payload),
+        };
+        if let Err(e) = self.bus.publish_core(&subject::events(key), &out).await {
+            tracing::debug!(error = %e, "cannot publish agent event");
+        }
+    }
+
+    async fn typing(&self, message: &InboundMessage, key: &str, on: bool) {
+        let mut out = self.outbound(message, OutboundKind::Typing, String::new());
+        out.typing_stop = !on;
+        out.session_key = key.to_owned();
+        let subject = subject::outbound(&message.platform, &message.app_id);
+        if let Err(e) = self.bus.publish(&subject, &out, None).await {
+            tracing::debug!(error = %e, "cannot publish typing");
+        }
+    }
+
+    /// Sends a short status line to the user (idempotent per `tag`).
+    async fn notify(&self, message: &InboundMessage, tag: &str, text: &str) {
+        let mut out = self.outbound(message, OutboundKind::Status, text.to_owned());
+        out.id = format!("{}:{tag}", message.id);
+        let subject = subject::outbound(&message.platform, &message.app_id);
+        let msg_id = format!("{}:{}:{tag}", message.platform, message.id);
+        if let Err(e) = self.bus.publish(&subject, &out, Some(&msg_id)).await {
+            tracing::warn!(error = %e, "cannot tell the user");
+        }
+    }
+
+    fn outbound(&self, message: &InboundMessage, kind: OutboundKind, text: String) -> OutboundMessage {
+        OutboundMessage {
+            id: uuid::Uuid::now_v7().to_string(),
+            platform: message.platform.clone(),
+            app_id: message.app_id.clone(),
+            channel_id: message.channel_id.clone(),
+            thread_id: message.thread_id.clone(),
+            reply_to_message_id: message.id.clone(),
+            text,
+            kind: kind as i32,
+            recipient_id: message.sender.as_ref().map(|s| s.id.clone()).unwrap_or_default(),
+            timestamp_ms: hg_proto::now_ms(),
+            ..Default::default()
+        }
+    }
+}
+
+enum TurnStart {
+    New,
+    Resume(TurnRecord),
+}
+
+enum TurnError {
+    /// Try again later (runtime unavailable, rate limited, stream lost).
+    Transient(String),
+    /// The runtime will not take this message.
+    Permanent(String),
+    /// The runtime session no longer exists.
+    SessionGone,
+    Bus(BusError),
+}
+
+impl From<ProviderError> for TurnError {
+    fn from(e: ProviderError) -> Self {
+        match e {
+            ProviderError::SessionNotFound(_) => TurnError::SessionGone,
+            e if e.is_transient() => TurnError::Transient(e.to_string()),
+            e => TurnError::Permanent(e.to_string()),
+        }
+    }
+}
+
+/// The agent's text for one turn, collected until the turn ends.
+#[derive(Default)]
+struct TurnBuffer {
+    text: String,
+    error: Option<String>,
+    stop: Option<String>,
+    /// Tool uses the runtime evaluated as "ask": (event id, tool name).
+    asked_tools: Vec<(String, String)>,
+    custom_tools: Vec<String>,
+}
+
+impl TurnBuffer {
+    fn push(&mut self, text: &str) {
+        if text.is_empty() {
+            return;
+        }
+        if !self.text.is_empty() {
+            self.text.push_str("\n\n");
+        }
+        self.text.push_str(text);
+    }
+
+    fn note_stop(&mut self, state: SessionState, reason: Option<&StopReason>) {
+        self.stop = match (state, reason) {
+            (SessionState::Terminated, _) => Some("the agent session was terminated".into()),
+            (_, Some(StopReason::RetriesExhausted)) => {
+                Some("the agent gave up after repeated errors".into())
+            }
+            (_, Some(StopReason::BudgetReached)) => Some("the session's budget is used up".into()),
+            (_, Some(StopReason::Refusal { explanation })) => Some(
+                explanation
+                    .clone()
+                    .unwrap_or_else(|| "the agent declined to answer".into()),
+            ),
+            _ => None,
+        };
+    }
+
+    /// The reply to publish: the agent's text, and a short error line when
+    /// the turn failed, so the user never meets silence.
+    fn finish(self) -> Option<(OutboundKind, String)> {
+        let problem = self.error.or(self.stop);
+        match (self.text.is_empty(), problem) {
+            (false, None) => Some((OutboundKind::Reply, self.text)),
+            (false, Some(p)) => Some((OutboundKind::Reply, format!("{}\n\n⚠️ {p}", self.text))),
+            (true, Some(p)) => Some((OutboundKind::Status, format!("⚠️ The agent ran into a problem: {p}"))),
+            (true, None) => None,
+        }
+    }
+}
+
+fn to_user_message(message: &InboundMessage) -> UserMessage {
+    let mut text = message.text.clone();
+    if let Some(press) = &message.button_press {
+        if text.is_empty() {
+            text = format!("[button {}: {}]", press.action_id, press.value);
+        }
+    }
+    // In shared conversations the agent needs to know who is speaking.
+    let shared = matches!(
+        message.chat_type(),
+        ChatType::Group | ChatType::Channel | ChatType::Thread
+    );
+    if shared {
+        if let Some(sender) = &message.sender {
+            let name = if !sender.display_name.is_empty() {
+                &sender.display_name
+            } else if !sender.username.is_empty() {
+                &sender.username
+            } else {
+                &sender.id
+            };
+            text = format!("[{name}]: {text}");
+        }
+    }
+    let files = message
+        .attachments
+        .iter()
+        .filter(|a| !a.data.is_empty())
+        .map(|a| UserFile {
+            file_name: a.file_name.clone(),
+            mime_type: a.mime_type.clone(),
+            data: a.data.clone(),
+        })
+        .collect();
+    UserMessage { text, files }
+}
+
+fn state_name(state: SessionState) -> &'static str {
+    match state {
+        SessionState::Running => "running",
+        SessionState::Idle => "idle",
+        SessionState::Rescheduled => "rescheduled",
+        SessionState::Terminated => "terminated",
+    }
+}
+
+fn stop_name(reason: &StopReason) -> &str {
+    match reason {
+        StopReason::EndTurn => "end_turn",
+        StopReason::RequiresAction { .. } => "requires_action",
+        StopReason::RetriesExhausted => "retries_exhausted",
+        StopReason::BudgetReached => "budget_reached",
+        StopReason::Refusal { .. } => "refusal",
+        StopReason::Other(other) => other,
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
