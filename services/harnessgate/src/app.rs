@@ -24,14 +24,18 @@ const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 /// URL is configured.
 pub async fn up(mut config: Config) -> anyhow::Result<()> {
     let _telemetry = hg_service::init_telemetry("harnessgate", config.log.format)?;
-    let _nats = if config.nats.url.is_empty() {
+    let nats = if config.nats.url.is_empty() {
         let nats = LocalNats::start(&config.up.data_dir, config.up.nats_port).await?;
         config.nats.url = nats.url.clone();
         Some(nats)
     } else {
         None
     };
-    run_components(config, &["bridge", "web"]).await
+    let result = run_components(config, &["bridge", "web"]).await;
+    if let Some(nats) = nats {
+        nats.stop().await;
+    }
+    result
 }
 
 /// `harnessgate run <component>…`
@@ -135,7 +139,7 @@ fn display_addr(listen: &str) -> String {
 /// A nats-server child with JetStream, killed when dropped.
 struct LocalNats {
     url: String,
-    _child: tokio::process::Child,
+    child: tokio::process::Child,
 }
 
 impl LocalNats {
@@ -170,11 +174,16 @@ impl LocalNats {
             }
             if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
                 tracing::info!(%url, store = %store.display(), "started local nats-server with jetstream");
-                return Ok(LocalNats { url, _child: child });
+                return Ok(LocalNats { url, child });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         bail!("nats-server did not accept connections on port {port} within 10 s")
+    }
+
+    /// Stops the server and reaps it.
+    async fn stop(mut self) {
+        let _ = self.child.kill().await;
     }
 }
 

@@ -1,0 +1,325 @@
+//! End-to-end test support: a whole stack in-process (real nats-server,
+//! bridge replicas, web replicas) and a web chat client that speaks the
+//! public HTTP API the way a browser does.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use hg_bridge::provider::Provider;
+use hg_bridge::provider::echo::EchoProvider;
+use hg_bridge::routing::Route;
+use hg_bridge::{BridgeConfig, Providers};
+use hg_bus::{Bus, BusConfig};
+use hg_service::Health;
+use hg_testkit::nats::NatsServer;
+use hg_web::WebConfig;
+use hg_web::hub::WebEvent;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Logs to the test output when `RUST_LOG` is set.
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A running component and how to stop it.
+pub struct Component {
+    stop: CancellationToken,
+    handle: JoinHandle<()>,
+}
+
+impl Component {
+    /// Graceful stop: finish work in hand.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.handle).await;
+    }
+
+    /// Crash: the task is dropped mid-work, nothing is acked.
+    pub async fn kill(self) {
+        self.handle.abort();
+        let _ = self.handle.await;
+    }
+}
+
+/// A stack: nats-server plus the components tests start on it.
+pub struct Stack {
+    pub nats: NatsServer,
+    pub bus: Bus,
+}
+
+impl Stack {
+    /// Starts a nats-server and connects to it.
+    pub async fn start() -> Stack {
+        init_logging();
+        let nats = NatsServer::start();
+        let bus = Bus::connect(&Self::bus_config(&nats)).await.expect("connect to nats");
+        Stack { nats, bus }
+    }
+
+    fn bus_config(nats: &NatsServer) -> BusConfig {
+        BusConfig {
+            url: nats.url(),
+            ..BusConfig::default()
+        }
+    }
+
+    /// A separate connection, as another process would have.
+    pub async fn connect(&self) -> Bus {
+        Bus::connect(&Self::bus_config(&self.nats)).await.expect("connect to nats")
+    }
+
+    /// A bridge replica routing everything to `route` on `providers`.
+    pub async fn bridge(&self, mut config: BridgeConfig, providers: Providers) -> Component {
+        let bus = self.connect().await;
+        if config.default_route.is_none() {
+            config.default_route = Some(echo_route());
+        }
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let handle = tokio::spawn(async move {
+            if let Err(e) = hg_bridge::run(config, bus, providers, token).await {
+                panic!("bridge failed: {e}");
+            }
+        });
+        Component { stop, handle }
+    }
+
+    /// A bridge replica on the echo runtime with test-friendly retry timing.
+    pub async fn echo_bridge(&self) -> Component {
+        self.bridge(fast_bridge_config(), echo_providers()).await
+    }
+
+    /// A web replica on a random port; returns it and its base URL.
+    pub async fn web(&self, config: WebConfig) -> (Component, String) {
+        let bus = self.connect().await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let handle = tokio::spawn(async move {
+            if let Err(e) = hg_web::run(config, bus, listener, Health::default(), token).await {
+                panic!("web failed: {e}");
+            }
+        });
+        wait_http(&url).await;
+        (Component { stop, handle }, url)
+    }
+
+    /// A web replica with a fixed signing key, so several replicas accept
+    /// each other's tokens even before they share KV.
+    pub async fn default_web(&self) -> (Component, String) {
+        self.web(web_config()).await
+    }
+}
+
+/// Web settings for tests.
+pub fn web_config() -> WebConfig {
+    WebConfig {
+        listen: "127.0.0.1:0".into(),
+        ..WebConfig::default()
+    }
+}
+
+/// Bridge settings with short retries for tests.
+pub fn fast_bridge_config() -> BridgeConfig {
+    BridgeConfig {
+        retry_backoff: Duration::from_millis(200),
+        max_attempts: 3,
+        ..BridgeConfig::default()
+    }
+}
+
+/// Just the echo runtime.
+pub fn echo_providers() -> Providers {
+    Providers::default().with(Arc::new(EchoProvider::new()))
+}
+
+/// Providers with `provider` (plus echo).
+pub fn providers_with(provider: Arc<dyn Provider>) -> Providers {
+    echo_providers().with(provider)
+}
+
+/// The route to the echo runtime.
+pub fn echo_route() -> Route {
+    Route {
+        runtime: "echo".into(),
+        agent_id: String::new(),
+        environment_id: String::new(),
+    }
+}
+
+async fn wait_http(base: &str) {
+    let client = reqwest::Client::new();
+    for _ in 0..100 {
+        if client.get(format!("{base}/healthz")).send().await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{base} did not come up");
+}
+
+/// A web chat user, talking to the HTTP API as the page does.
+pub struct WebUser {
+    pub base: String,
+    pub token: String,
+    pub user_id: String,
+    client: reqwest::Client,
+}
+
+impl WebUser {
+    /// Signs up through `POST /api/v1/sessions`.
+    pub async fn signup(base: &str) -> WebUser {
+        let client = reqwest::Client::new();
+        let res = client
+            .post(format!("{base}/api/v1/sessions"))
+            .send()
+            .await
+            .expect("signup request");
+        assert_eq!(res.status(), 201, "signup");
+        let body: serde_json::Value = res.json().await.unwrap();
+        WebUser {
+            base: base.to_owned(),
+            token: body["token"].as_str().unwrap().to_owned(),
+            user_id: body["user_id"].as_str().unwrap().to_owned(),
+            client,
+        }
+    }
+
+    /// The same user talking to another replica.
+    pub fn via(&self, base: &str) -> WebUser {
+        WebUser {
+            base: base.to_owned(),
+            token: self.token.clone(),
+            user_id: self.user_id.clone(),
+            client: self.client.clone(),
+        }
+    }
+
+    /// Sends a message; panics unless it was accepted.
+    pub async fn send(&self, text: &str) {
+        let res = self.post_message(&serde_json::json!({ "text": text })).await;
+        assert_eq!(res.status(), 202, "send: {}", res.text().await.unwrap_or_default());
+    }
+
+    /// `POST /api/v1/messages` with `body`.
+    pub async fn post_message(&self, body: &serde_json::Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}/api/v1/messages", self.base))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await
+            .expect("send request")
+    }
+
+    /// Opens the SSE stream (optionally after `last_event_id`) and waits
+    /// until it is live.
+    pub async fn events(&self, last_event_id: Option<u64>) -> EventReader {
+        let mut url = format!("{}/api/v1/events?token={}", self.base, self.token);
+        if let Some(id) = last_event_id {
+            url.push_str(&format!("&last_event_id={id}"));
+        }
+        let res = self.client.get(url).send().await.expect("events request");
+        assert_eq!(res.status(), 200, "events");
+        let mut reader = EventReader {
+            stream: Box::pin(eventsource_stream::EventStream::new(res.bytes_stream())),
+        };
+        let ready = reader.next_raw(Duration::from_secs(5)).await.expect("ready event");
+        assert_eq!(ready.0, "ready");
+        reader
+    }
+}
+
+type SseStream = std::pin::Pin<
+    Box<
+        dyn futures::Stream<
+                Item = Result<
+                    eventsource_stream::Event,
+                    eventsource_stream::EventStreamError<reqwest::Error>,
+                >,
+            > + Send,
+    >,
+>;
+
+/// Reads a user's SSE stream.
+pub struct EventReader {
+    stream: SseStream,
+}
+
+impl EventReader {
+    async fn next_raw(&mut self, timeout: Duration) -> Option<(String, String, String)> {
+        let event = tokio::time::timeout(timeout, self.stream.next()).await.ok()??;
+        let event = event.ok()?;
+        Some((event.event, event.id, event.data))
+    }
+
+    /// The next message event (typing skipped), or None after `timeout`.
+    pub async fn next_message(&mut self, timeout: Duration) -> Option<WebEvent> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let (kind, _id, data) = self.next_raw(left).await?;
+            if kind == "typing" {
+                continue;
+            }
+            return Some(serde_json::from_str(&data).expect("event json"));
+        }
+    }
+
+    /// Every message event arriving within `window`.
+    pub async fn collect(&mut self, window: Duration) -> Vec<WebEvent> {
+        let mut events = Vec::new();
+        let deadline = tokio::time::Instant::now() + window;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return events;
+            }
+            match self.next_message(left).await {
+                Some(event) => events.push(event),
+                None => return events,
+            }
+        }
+    }
+}
+
+/// Dead letters stored so far.
+pub async fn dead_letters(bus: &Bus) -> Vec<hg_proto::DeadLetter> {
+    use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+    let stream = bus
+        .jetstream()
+        .get_stream(hg_proto::subject::STREAM_DLQ)
+        .await
+        .unwrap();
+    let info = stream.get_info().await.unwrap();
+    if info.state.messages == 0 {
+        return Vec::new();
+    }
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let mut letters = Vec::new();
+    while letters.len() < info.state.messages as usize {
+        let Ok(Some(Ok(message))) =
+            tokio::time::timeout(Duration::from_secs(2), messages.next()).await
+        else {
+            break;
+        };
+        letters.push(hg_bus::decode(&message.payload).unwrap());
+    }
+    letters
+}
