@@ -133,6 +133,8 @@ pub fn fast_bridge_config() -> BridgeConfig {
     BridgeConfig {
         retry_backoff: Duration::from_millis(200),
         max_attempts: 3,
+        session_lease_ttl: Duration::from_secs(2),
+        ack_wait: Duration::from_secs(2),
         ..BridgeConfig::default()
     }
 }

@@ -53,9 +53,14 @@ pub struct BridgeConfig {
     /// doubles per attempt.
     #[serde(with = "humantime_serde")]
     pub retry_backoff: Duration,
-    /// How long a replica's hold on a conversation lasts without refresh.
+    /// How long a replica's hold on a conversation lasts without refresh;
+    /// after a replica dies its conversations move on within this time.
     #[serde(with = "humantime_serde")]
     pub session_lease_ttl: Duration,
+    /// An inbound message not acked (or marked in progress) for this long
+    /// is redelivered, e.g. to another replica when this one died.
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
     /// Inbound messages in flight across all replicas.
     pub max_in_flight: i64,
     /// Timeout of a custom tool call on `hg.tool.<name>`.
@@ -72,7 +77,8 @@ impl Default for BridgeConfig {
             turn_timeout: Duration::from_secs(600),
             max_attempts: 5,
             retry_backoff: Duration::from_secs(2),
-            session_lease_ttl: Duration::from_secs(30),
+            session_lease_ttl: Duration::from_secs(10),
+            ack_wait: Duration::from_secs(10),
             max_in_flight: 10_000,
             tool_timeout: Duration::from_secs(30),
         }
@@ -156,6 +162,7 @@ pub async fn run(
     }
     let mut spec = ConsumerSpec::new(subject::STREAM_IN, "bridge", "hg.in.>");
     spec.max_ack_pending = config.max_in_flight;
+    spec.ack_wait = config.ack_wait;
     let consumer = WatchedConsumer::create(&bus, spec).await?;
     let router = Router::new(
         config.routes.clone(),

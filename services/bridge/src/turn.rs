@@ -29,8 +29,6 @@ const RETRYING_TEXT: &str = "⏳ The agent is unavailable right now. Your messag
 const GAVE_UP_TEXT: &str = "❌ The agent could not be reached, so your message was not processed. Please try again later.";
 /// What the user reads when a turn took too long.
 const TIMEOUT_TEXT: &str = "⌛ The agent took too long to answer and was stopped.";
-/// Interval of ack-progress signals while a turn runs.
-const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 pub(crate) struct Bridge {
     pub bus: Bus,
@@ -79,7 +77,21 @@ impl Bridge {
         async {
             let lease_key = subject::token(&key);
             let outcome = match self.leases.acquire(&lease_key).await {
-                Ok(true) => self.process(&key, &delivery, &message).await,
+                Ok(true) => {
+                    // Keep the conversation ours while the turn runs.
+                    let refresh = async {
+                        loop {
+                            tokio::time::sleep(self.leases.ttl() / 3).await;
+                            if let Err(e) = self.leases.acquire(&lease_key).await {
+                                tracing::warn!(error = %e, "cannot refresh the conversation lease");
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        outcome = self.process(&key, &delivery, &message) => outcome,
+                        () = refresh => unreachable!("the refresh loop never ends"),
+                    }
+                }
                 Ok(false) => Outcome::Busy,
                 Err(e) => Outcome::Retry {
                     reason: e.to_string(),
@@ -300,7 +312,7 @@ impl Bridge {
         let mut buffer = TurnBuffer::default();
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + self.config.turn_timeout;
-        let mut progress = tokio::time::interval(PROGRESS_EVERY);
+        let mut progress = tokio::time::interval(self.config.ack_wait / 3);
         progress.tick().await;
         loop {
             let next = tokio::select! {

@@ -1,0 +1,302 @@
+//! Load benchmark of the whole stack.
+//!
+//! Starts a nats-server, the fake Claude Managed Agents server (no
+//! artificial delay; a stream only carries events produced after it
+//! connected) and `harnessgate run bridge web` as its own process, then
+//! drives the web API with U concurrent users, each sending M messages one
+//! after another and waiting for each reply on its SSE stream. Reports
+//! messages/s, p50/p99 round trip, errors and lost replies, the stack's
+//! peak RSS, and its RSS with many idle connected users.
+//!
+//! ```text
+//! cargo build --release -p harnessgate -p hg-e2e
+//! ulimit -n 65536; target/release/hg-bench [--users 1,10,100,500] [--messages 20] [--idle 10000]
+//! ```
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use hg_testkit::fake_claude::{FakeBehaviour, FakeClaude};
+use hg_testkit::nats::{NatsServer, free_port};
+
+struct Args {
+    users: Vec<usize>,
+    messages: usize,
+    idle: usize,
+}
+
+fn args() -> Args {
+    let mut args = Args {
+        users: vec![1, 10, 100, 500],
+        messages: 20,
+        idle: 10_000,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().unwrap_or_default();
+        match flag.as_str() {
+            "--users" => args.users = value.split(',').filter_map(|v| v.parse().ok()).collect(),
+            "--messages" => args.messages = value.parse().expect("--messages N"),
+            "--idle" => args.idle = value.parse().expect("--idle N"),
+            other => panic!("unknown flag {other}"),
+        }
+    }
+    args
+}
+
+fn harnessgate_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("HARNESSGATE_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent().expect("exe dir").join("harnessgate")
+}
+
+/// Resident memory of a process from /proc: (current, peak) in KiB.
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+struct Stack {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_stack(nats: &NatsServer, fake: &FakeClaude) -> Stack {
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let child = Command::new(harnessgate_binary())
+        .args(["run", "bridge", "web"])
+        .env("HG_NATS__URL", nats.url())
+        .env("ANTHROPIC_API_KEY", FakeClaude::API_KEY)
+        .env("ANTHROPIC_BASE_URL", fake.base_url())
+        .env("HG_CLAUDE__AGENT_ID", "agent_bench")
+        .env("HG_CLAUDE__ENVIRONMENT_ID", "env_bench")
+        .env("HG_WEB__LISTEN", format!("127.0.0.1:{port}"))
+        .env("HG_ADMIN__LISTEN", "")
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start harnessgate (build it with cargo build --release -p harnessgate)");
+    let client = reqwest::Client::new();
+    for _ in 0..200 {
+        if let Ok(res) = client.get(format!("{base}/readyz")).send().await {
+            if res.status().is_success() {
+                return Stack { child, base };
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("harnessgate did not become ready");
+}
+
+struct User {
+    token: String,
+}
+
+async fn signup(client: &reqwest::Client, base: &str) -> User {
+    let res = client
+        .post(format!("{base}/api/v1/sessions"))
+        .send()
+        .await
+        .expect("signup");
+    let body: serde_json::Value = res.json().await.expect("signup json");
+    User {
+        token: body["token"].as_str().expect("token").to_owned(),
+    }
+}
+
+type Events = std::pin::Pin<Box<dyn futures::Stream<Item = eventsource_stream::Event> + Send>>;
+
+async fn connect(client: &reqwest::Client, base: &str, user: &User) -> Events {
+    let res = client
+        .get(format!("{base}/api/v1/events?token={}", user.token))
+        .send()
+        .await
+        .expect("events");
+    let mut events: Events = Box::pin(
+        eventsource_stream::EventStream::new(res.bytes_stream()).filter_map(|e| async { e.ok() }),
+    );
+    // Wait until the connection is registered.
+    while let Some(event) = events.next().await {
+        if event.event == "ready" {
+            break;
+        }
+    }
+    events
+}
+
+#[derive(Default)]
+struct Outcome {
+    latencies: Vec<Duration>,
+    errors: usize,
+    lost: usize,
+}
+
+async fn run_user(
+    client: reqwest::Client,
+    base: String,
+    index: usize,
+    messages: usize,
+    user: User,
+    mut events: Events,
+) -> Outcome {
+    let mut outcome = Outcome::default();
+    for m in 0..messages {
+        let text = format!("u{index}-m{m}");
+        let expected = format!("echo: {text}");
+        let started = Instant::now();
+        let sent = client
+            .post(format!("{base}/api/v1/messages"))
+            .bearer_auth(&user.token)
+            .json(&serde_json::json!({ "text": text }))
+            .send()
+            .await;
+        match sent {
+            Ok(res) if res.status() == 202 => {}
+            _ => {
+                outcome.errors += 1;
+                continue;
+            }
+        }
+        let got = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(event) = events.next().await {
+                if event.event == "reply" {
+                    let data: serde_json::Value = serde_json::from_str(&event.data).unwrap_or_default();
+                    if data["text"] == expected.as_str() {
+                        return true;
+                    }
+                }
+            }
+            false
+        })
+        .await;
+        match got {
+            Ok(true) => outcome.latencies.push(started.elapsed()),
+            _ => outcome.lost += 1,
+        }
+    }
+    outcome
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index]
+}
+
+#[tokio::main]
+async fn main() {
+    let args = args();
+    let nats = NatsServer::start();
+    let fake = FakeClaude::start_with(FakeBehaviour {
+        record_requests: false,
+        ping_interval: None,
+        ..FakeBehaviour::default()
+    })
+    .await;
+    let stack = start_stack(&nats, &fake).await;
+    let pid = stack.child.id();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .build()
+        .expect("http client");
+    println!(
+        "stack pid {pid}, RSS after start-up: {} KiB",
+        rss_kib(pid).0
+    );
+    println!("| users | messages | msg/s | p50 ms | p99 ms | errors | lost |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for &users in &args.users {
+        let mut prepared = Vec::with_capacity(users);
+        for i in 0..users {
+            let user = signup(&client, &stack.base).await;
+            let events = connect(&client, &stack.base, &user).await;
+            prepared.push((i, user, events));
+        }
+        let started = Instant::now();
+        let tasks: Vec<_> = prepared
+            .into_iter()
+            .map(|(i, user, events)| {
+                tokio::spawn(run_user(
+                    client.clone(),
+                    stack.base.clone(),
+                    i,
+                    args.messages,
+                    user,
+                    events,
+                ))
+            })
+            .collect();
+        let mut all = Outcome::default();
+        for task in tasks {
+            let outcome = task.await.expect("user task");
+            all.latencies.extend(outcome.latencies);
+            all.errors += outcome.errors;
+            all.lost += outcome.lost;
+        }
+        let elapsed = started.elapsed();
+        all.latencies.sort();
+        println!(
+            "| {users} | {} | {:.0} | {:.1} | {:.1} | {} | {} |",
+            users * args.messages,
+            all.latencies.len() as f64 / elapsed.as_secs_f64(),
+            percentile(&all.latencies, 0.5).as_secs_f64() * 1000.0,
+            percentile(&all.latencies, 0.99).as_secs_f64() * 1000.0,
+            all.errors,
+            all.lost,
+        );
+    }
+    let (rss, peak) = rss_kib(pid);
+    println!("stack RSS after load: {rss} KiB, peak {peak} KiB");
+
+    if args.idle > 0 {
+        // Let the load's buffers settle before measuring the idle baseline.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let before = rss_kib(pid).0;
+        let connections = Arc::new(tokio::sync::Mutex::new(Vec::with_capacity(args.idle)));
+        let mut joins = Vec::new();
+        for chunk in 0..args.idle.div_ceil(100) {
+            let (client, base, connections) = (client.clone(), stack.base.clone(), Arc::clone(&connections));
+            let n = 100.min(args.idle - chunk * 100);
+            joins.push(tokio::spawn(async move {
+                for _ in 0..n {
+                    let user = signup(&client, &base).await;
+                    let events = connect(&client, &base, &user).await;
+                    connections.lock().await.push(events);
+                }
+            }));
+        }
+        for join in joins {
+            join.await.expect("idle connect");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = rss_kib(pid).0;
+        let count = connections.lock().await.len();
+        println!(
+            "idle users: {count} connected; stack RSS {before} KiB → {after} KiB ({:.1} KiB per idle user)",
+            (after.saturating_sub(before)) as f64 / count.max(1) as f64
+        );
+    }
+}
