@@ -60,7 +60,9 @@ impl Stack {
     pub async fn start() -> Stack {
         init_logging();
         let nats = NatsServer::start();
-        let bus = Bus::connect(&Self::bus_config(&nats)).await.expect("connect to nats");
+        let bus = Bus::connect(&Self::bus_config(&nats))
+            .await
+            .expect("connect to nats");
         Stack { nats, bus }
     }
 
@@ -73,7 +75,9 @@ impl Stack {
 
     /// A separate connection, as another process would have.
     pub async fn connect(&self) -> Bus {
-        Bus::connect(&Self::bus_config(&self.nats)).await.expect("connect to nats")
+        Bus::connect(&Self::bus_config(&self.nats))
+            .await
+            .expect("connect to nats")
     }
 
     /// A bridge replica routing everything to `route` on `providers`.
@@ -208,8 +212,15 @@ impl WebUser {
 
     /// Sends a message; panics unless it was accepted.
     pub async fn send(&self, text: &str) {
-        let res = self.post_message(&serde_json::json!({ "text": text })).await;
-        assert_eq!(res.status(), 202, "send: {}", res.text().await.unwrap_or_default());
+        let res = self
+            .post_message(&serde_json::json!({ "text": text }))
+            .await;
+        assert_eq!(
+            res.status(),
+            202,
+            "send: {}",
+            res.text().await.unwrap_or_default()
+        );
     }
 
     /// `POST /api/v1/messages` with `body`.
@@ -235,7 +246,10 @@ impl WebUser {
         let mut reader = EventReader {
             stream: Box::pin(eventsource_stream::EventStream::new(res.bytes_stream())),
         };
-        let ready = reader.next_raw(Duration::from_secs(5)).await.expect("ready event");
+        let ready = reader
+            .next_raw(Duration::from_secs(5))
+            .await
+            .expect("ready event");
         assert_eq!(ready.0, "ready");
         reader
     }
@@ -259,7 +273,9 @@ pub struct EventReader {
 
 impl EventReader {
     async fn next_raw(&mut self, timeout: Duration) -> Option<(String, String, String)> {
-        let event = tokio::time::timeout(timeout, self.stream.next()).await.ok()??;
+        let event = tokio::time::timeout(timeout, self.stream.next())
+            .await
+            .ok()??;
         let event = event.ok()?;
         Some((event.event, event.id, event.data))
     }

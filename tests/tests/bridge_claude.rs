@@ -61,11 +61,19 @@ async fn a_web_message_is_answered_by_claude_and_observers_see_the_agents_events
     assert_eq!(fake.user_messages(&sessions[0]), vec!["hello claude"]);
 
     let mut kinds = Vec::new();
-    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(500), observed.next()).await {
+    while let Ok(Some(msg)) =
+        tokio::time::timeout(Duration::from_millis(500), observed.next()).await
+    {
         let event: AgentEvent = hg_bus::decode(&msg.payload).unwrap();
         kinds.push(match event.event.unwrap() {
             agent_event::Event::Thinking(_) => "thinking",
-            agent_event::Event::Status(s) => if s.state == "idle" { "idle" } else { "running" },
+            agent_event::Event::Status(s) => {
+                if s.state == "idle" {
+                    "idle"
+                } else {
+                    "running"
+                }
+            }
             agent_event::Event::Message(_) => "message",
             agent_event::Event::Usage(_) => "usage",
             _ => "other",
@@ -90,9 +98,16 @@ async fn a_restarted_bridge_continues_the_same_runtime_session() {
 
     let _bridge = claude_bridge(&stack, &fake.base_url()).await;
     user.send("second").await;
-    assert_eq!(events.next_message(WAIT).await.unwrap().text, "echo: second");
+    assert_eq!(
+        events.next_message(WAIT).await.unwrap().text,
+        "echo: second"
+    );
     let sessions = fake.sessions();
-    assert_eq!(sessions.len(), 1, "no new runtime session after the restart");
+    assert_eq!(
+        sessions.len(),
+        1,
+        "no new runtime session after the restart"
+    );
     assert_eq!(fake.user_messages(&sessions[0]), vec!["first", "second"]);
 }
 
@@ -102,7 +117,12 @@ async fn a_bridge_killed_mid_turn_resumes_the_turn_without_sending_it_twice() {
     let fake = FakeClaude::start().await;
     // A custom tool that takes a while: the turn is in flight when the
     // bridge dies.
-    let mut tool = stack.bus.client().subscribe("hg.tool.lookup").await.unwrap();
+    let mut tool = stack
+        .bus
+        .client()
+        .subscribe("hg.tool.lookup")
+        .await
+        .unwrap();
     let client = stack.bus.client().clone();
     tokio::spawn(async move {
         while let Some(request) = tool.next().await {
@@ -121,13 +141,26 @@ async fn a_bridge_killed_mid_turn_resumes_the_turn_without_sending_it_twice() {
     bridge.kill().await;
 
     let _bridge = claude_bridge(&stack, &fake.base_url()).await;
-    let mut got = vec![events.next_message(WAIT).await.expect("the resumed turn's reply")];
+    let mut got = vec![
+        events
+            .next_message(WAIT)
+            .await
+            .expect("the resumed turn's reply"),
+    ];
     got.extend(events.collect(Duration::from_secs(2)).await);
-    let replies: Vec<_> = got.iter().filter(|e| e.kind == "reply").map(|e| e.text.as_str()).collect();
+    let replies: Vec<_> = got
+        .iter()
+        .filter(|e| e.kind == "reply")
+        .map(|e| e.text.as_str())
+        .collect();
     assert_eq!(replies, vec!["custom result: 42 results"], "{got:?}");
     let sessions = fake.sessions();
     assert_eq!(sessions.len(), 1);
-    assert_eq!(fake.user_messages(&sessions[0]), vec!["custom:rust"], "the message reached the agent once");
+    assert_eq!(
+        fake.user_messages(&sessions[0]),
+        vec!["custom:rust"],
+        "the message reached the agent once"
+    );
 }
 
 #[tokio::test]
@@ -149,7 +182,10 @@ async fn a_runtime_stream_dropped_mid_turn_is_caught_up_and_answered_once() {
 async fn a_runtime_that_is_down_gets_the_user_told_and_the_message_dead_lettered() {
     let stack = Stack::start().await;
     let closed = format!("http://127.0.0.1:{}", hg_testkit::nats::free_port());
-    let config = BridgeConfig { max_attempts: 2, ..claude_route() };
+    let config = BridgeConfig {
+        max_attempts: 2,
+        ..claude_route()
+    };
     let _bridge = stack.bridge(config, claude(&closed)).await;
     let (_web, url) = stack.default_web().await;
     let user = WebUser::signup(&url).await;
@@ -163,7 +199,11 @@ async fn a_runtime_that_is_down_gets_the_user_told_and_the_message_dead_lettered
     let letters = dead_letters(&stack.bus).await;
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].service, "bridge");
-    assert!(letters[0].reason.contains("runtime unavailable"), "{}", letters[0].reason);
+    assert!(
+        letters[0].reason.contains("runtime unavailable"),
+        "{}",
+        letters[0].reason
+    );
     let original: hg_proto::InboundMessage = hg_bus::decode(&letters[0].payload).unwrap();
     assert_eq!(original.text, "anyone there?", "the message itself is kept");
 }
@@ -180,7 +220,10 @@ async fn server_errors_are_retried_and_the_message_is_answered_once_the_runtime_
     fake.fail_next(Endpoint::CreateSession, 500, None, 4);
     user.send("eventually").await;
     let got = events.collect(Duration::from_secs(6)).await;
-    let kinds: Vec<_> = got.iter().map(|e| (e.kind.as_str(), e.text.as_str())).collect();
+    let kinds: Vec<_> = got
+        .iter()
+        .map(|e| (e.kind.as_str(), e.text.as_str()))
+        .collect();
     assert_eq!(kinds.len(), 2, "{kinds:?}");
     assert_eq!(kinds[0].0, "status");
     assert_eq!(kinds[1], ("reply", "echo: eventually"));
@@ -198,7 +241,11 @@ async fn agent_errors_reach_the_user_as_a_short_message() {
     user.send("error:").await;
     let reply = events.next_message(WAIT).await.unwrap();
     assert_eq!(reply.kind, "status");
-    assert!(reply.text.starts_with("⚠️ The agent ran into a problem"), "{}", reply.text);
+    assert!(
+        reply.text.starts_with("⚠️ The agent ran into a problem"),
+        "{}",
+        reply.text
+    );
     user.send("refuse:").await;
     let reply = events.next_message(WAIT).await.unwrap();
     assert!(reply.text.contains("⚠️"), "{}", reply.text);
@@ -214,8 +261,16 @@ async fn tools_that_ask_for_permission_are_denied_with_a_notice_until_approvals_
     let mut events = user.events(None).await;
     user.send("tool:rm -rf /tmp/x").await;
     let got = events.collect(Duration::from_secs(4)).await;
-    assert!(got.iter().any(|e| e.kind == "status" && e.text.contains("bash")), "{got:?}");
-    assert!(got.iter().any(|e| e.kind == "reply" && e.text.contains("done: rm -rf /tmp/x")), "{got:?}");
+    assert!(
+        got.iter()
+            .any(|e| e.kind == "status" && e.text.contains("bash")),
+        "{got:?}"
+    );
+    assert!(
+        got.iter()
+            .any(|e| e.kind == "reply" && e.text.contains("done: rm -rf /tmp/x")),
+        "{got:?}"
+    );
     let confirmations: Vec<_> = fake
         .user_events(&fake.sessions()[0])
         .into_iter()

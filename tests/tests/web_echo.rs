@@ -36,7 +36,9 @@ async fn two_users_never_see_each_other_and_a_forged_token_is_refused() {
     bob.send("for bob only").await;
     let ana_got = ana_events.collect(Duration::from_secs(3)).await;
     let bob_got = bob_events.collect(Duration::from_secs(1)).await;
-    let texts = |events: &[hg_web::hub::WebEvent]| events.iter().map(|e| e.text.clone()).collect::<Vec<_>>();
+    let texts = |events: &[hg_web::hub::WebEvent]| {
+        events.iter().map(|e| e.text.clone()).collect::<Vec<_>>()
+    };
     assert_eq!(texts(&ana_got), vec!["for ana only"]);
     assert_eq!(texts(&bob_got), vec!["for bob only"]);
 
@@ -44,7 +46,9 @@ async fn two_users_never_see_each_other_and_a_forged_token_is_refused() {
     let forged = bob.token.replace(&bob.user_id, &ana.user_id);
     let client = reqwest::Client::new();
     let res = client
-        .get(format!("{url}/api/v1/events?token={forged}&last_event_id=0"))
+        .get(format!(
+            "{url}/api/v1/events?token={forged}&last_event_id=0"
+        ))
         .send()
         .await
         .unwrap();
@@ -61,7 +65,10 @@ async fn two_users_never_see_each_other_and_a_forged_token_is_refused() {
     assert_eq!(body["error"]["code"], "unauthorized");
     // Ana's history is untouched by the attempt.
     let mut replay = ana.events(Some(0)).await;
-    assert_eq!(texts(&replay.collect(Duration::from_secs(1)).await), vec!["for ana only"]);
+    assert_eq!(
+        texts(&replay.collect(Duration::from_secs(1)).await),
+        vec!["for ana only"]
+    );
 }
 
 #[tokio::test]
@@ -82,21 +89,88 @@ async fn bad_requests_get_clear_json_errors_and_the_service_keeps_running() {
         req.send()
     };
     let cases: Vec<(reqwest::Response, u16, &str)> = vec![
-        (post("{not json".into(), Some(&user.token)).await.unwrap(), 400, "invalid_json"),
-        (post(r#"{"text":"hi"}"#.into(), None).await.unwrap(), 401, "unauthorized"),
-        (post(r#"{"text":"hi"}"#.into(), Some("v1.u_x.1.bad")).await.unwrap(), 401, "unauthorized"),
-        (post(format!(r#"{{"text":"{}"}}"#, "a".repeat(70_000)), Some(&user.token)).await.unwrap(), 413, "payload_too_large"),
-        (post(format!(r#"{{"text":"{}"}}"#, "a".repeat(20_000)), Some(&user.token)).await.unwrap(), 413, "message_too_long"),
-        (post(r#"{"text":"   "}"#.into(), Some(&user.token)).await.unwrap(), 400, "empty_message"),
-        (post(r#"{"text":"x","client_message_id":"a.b"}"#.into(), Some(&user.token)).await.unwrap(), 400, "invalid_client_message_id"),
-        (client.get(format!("{url}/api/v1/nope")).send().await.unwrap(), 404, "not_found"),
-        (client.get(format!("{url}/api/v1/events")).send().await.unwrap(), 401, "unauthorized"),
+        (
+            post("{not json".into(), Some(&user.token)).await.unwrap(),
+            400,
+            "invalid_json",
+        ),
+        (
+            post(r#"{"text":"hi"}"#.into(), None).await.unwrap(),
+            401,
+            "unauthorized",
+        ),
+        (
+            post(r#"{"text":"hi"}"#.into(), Some("v1.u_x.1.bad"))
+                .await
+                .unwrap(),
+            401,
+            "unauthorized",
+        ),
+        (
+            post(
+                format!(r#"{{"text":"{}"}}"#, "a".repeat(70_000)),
+                Some(&user.token),
+            )
+            .await
+            .unwrap(),
+            413,
+            "payload_too_large",
+        ),
+        (
+            post(
+                format!(r#"{{"text":"{}"}}"#, "a".repeat(20_000)),
+                Some(&user.token),
+            )
+            .await
+            .unwrap(),
+            413,
+            "message_too_long",
+        ),
+        (
+            post(r#"{"text":"   "}"#.into(), Some(&user.token))
+                .await
+                .unwrap(),
+            400,
+            "empty_message",
+        ),
+        (
+            post(
+                r#"{"text":"x","client_message_id":"a.b"}"#.into(),
+                Some(&user.token),
+            )
+            .await
+            .unwrap(),
+            400,
+            "invalid_client_message_id",
+        ),
+        (
+            client
+                .get(format!("{url}/api/v1/nope"))
+                .send()
+                .await
+                .unwrap(),
+            404,
+            "not_found",
+        ),
+        (
+            client
+                .get(format!("{url}/api/v1/events"))
+                .send()
+                .await
+                .unwrap(),
+            401,
+            "unauthorized",
+        ),
     ];
     for (res, status, code) in cases {
         assert_eq!(res.status().as_u16(), status, "expected {code}");
         let body: serde_json::Value = res.json().await.expect("json error body");
         assert_eq!(body["error"]["code"], code);
-        assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
     }
     // Still serving.
     let mut events = user.events(None).await;
@@ -126,12 +200,19 @@ async fn the_same_inbound_published_twice_is_answered_once() {
         app_id: "default".into(),
         channel_id: user.user_id.clone(),
         chat_type: hg_proto::ChatType::Direct as i32,
-        sender: Some(hg_proto::Sender { id: user.user_id.clone(), ..Default::default() }),
+        sender: Some(hg_proto::Sender {
+            id: user.user_id.clone(),
+            ..Default::default()
+        }),
         text: "twice".into(),
         ..Default::default()
     };
     for _ in 0..2 {
-        stack.bus.publish(&subject::inbound("web", "default"), &inbound, None).await.unwrap();
+        stack
+            .bus
+            .publish(&subject::inbound("web", "default"), &inbound, None)
+            .await
+            .unwrap();
     }
     let got = events.collect(Duration::from_secs(4)).await;
     let texts: Vec<_> = got.iter().map(|e| e.text.as_str()).collect();
@@ -144,7 +225,12 @@ async fn a_malformed_bus_payload_is_dead_lettered_with_its_reason() {
     let _bridge = stack.echo_bridge().await;
     stack
         .bus
-        .publish_raw(&subject::inbound("web", "default"), "harnessgate.v1.InboundMessage", vec![0xff, 0xff, 0xff].into(), None)
+        .publish_raw(
+            &subject::inbound("web", "default"),
+            "harnessgate.v1.InboundMessage",
+            vec![0xff, 0xff, 0xff].into(),
+            None,
+        )
         .await
         .unwrap();
     let mut letters = Vec::new();
@@ -157,14 +243,21 @@ async fn a_malformed_bus_payload_is_dead_lettered_with_its_reason() {
     }
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].service, "bridge");
-    assert!(letters[0].reason.contains("malformed inbound payload"), "{}", letters[0].reason);
+    assert!(
+        letters[0].reason.contains("malformed inbound payload"),
+        "{}",
+        letters[0].reason
+    );
     assert_eq!(letters[0].payload, vec![0xff, 0xff, 0xff]);
     // A good message after the bad one is still served.
     let (_web, url) = stack.default_web().await;
     let user = WebUser::signup(&url).await;
     let mut events = user.events(None).await;
     user.send("after garbage").await;
-    assert_eq!(events.next_message(WAIT).await.unwrap().text, "after garbage");
+    assert_eq!(
+        events.next_message(WAIT).await.unwrap().text,
+        "after garbage"
+    );
     let _ = InboundMessage::default().encode_to_vec();
 }
 
@@ -178,7 +271,10 @@ async fn a_reply_reaches_the_user_on_another_replica_and_a_reconnect_gets_what_i
     // Listening on replica A, sending through replica B.
     let mut on_a = user.events(None).await;
     user.via(&url_b).send("cross replica").await;
-    let first = on_a.next_message(WAIT).await.expect("reply on the other replica");
+    let first = on_a
+        .next_message(WAIT)
+        .await
+        .expect("reply on the other replica");
     assert_eq!(first.text, "cross replica");
     drop(on_a);
 
@@ -199,12 +295,33 @@ async fn a_reply_reaches_the_user_on_another_replica_and_a_reconnect_gets_what_i
 async fn the_chat_page_and_api_description_are_served() {
     let stack = Stack::start().await;
     let (_web, url) = stack.default_web().await;
-    let page = reqwest::get(format!("{url}/")).await.unwrap().text().await.unwrap();
+    let page = reqwest::get(format!("{url}/"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(page.contains("<title>HarnessGate chat</title>"));
-    assert!(page.contains("Echo runtime"), "the page can label the echo runtime");
-    let spec = reqwest::get(format!("{url}/openapi.yaml")).await.unwrap().text().await.unwrap();
-    for path in ["/api/v1/sessions", "/api/v1/messages", "/api/v1/events", "/api/v1/info"] {
-        assert!(spec.contains(&format!("  {path}:")), "openapi documents {path}");
+    assert!(
+        page.contains("Echo runtime"),
+        "the page can label the echo runtime"
+    );
+    let spec = reqwest::get(format!("{url}/openapi.yaml"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for path in [
+        "/api/v1/sessions",
+        "/api/v1/messages",
+        "/api/v1/events",
+        "/api/v1/info",
+    ] {
+        assert!(
+            spec.contains(&format!("  {path}:")),
+            "openapi documents {path}"
+        );
     }
     let ready = reqwest::get(format!("{url}/readyz")).await.unwrap();
     assert_eq!(ready.status(), 200);

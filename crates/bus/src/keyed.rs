@@ -70,7 +70,9 @@ where
         workers.insert(key.to_owned(), tx);
         let inner = Arc::clone(&self.inner);
         let key = key.to_owned();
-        self.inner.tracker.spawn(async move { inner.work(key, rx).await });
+        self.inner
+            .tracker
+            .spawn(async move { inner.work(key, rx).await });
     }
 
     /// Number of keys with a live worker.
@@ -144,11 +146,22 @@ mod tests {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
         let seen = seen.lock().unwrap().clone();
-        let slow: Vec<u32> = seen.iter().filter(|(k, _)| k == "slow").map(|(_, n)| *n).collect();
-        let fast: Vec<u32> = seen.iter().filter(|(k, _)| k == "fast").map(|(_, n)| *n).collect();
+        let slow: Vec<u32> = seen
+            .iter()
+            .filter(|(k, _)| k == "slow")
+            .map(|(_, n)| *n)
+            .collect();
+        let fast: Vec<u32> = seen
+            .iter()
+            .filter(|(k, _)| k == "fast")
+            .map(|(_, n)| *n)
+            .collect();
         assert_eq!(slow, vec![0, 1, 2]);
         assert_eq!(fast, vec![0, 1, 2]);
-        assert_eq!(seen[0].0, "fast", "fast key waited for the slow one: {seen:?}");
+        assert_eq!(
+            seen[0].0, "fast",
+            "fast key waited for the slow one: {seen:?}"
+        );
         assert_eq!(workers.active(), 0, "idle workers retire");
     }
 }

@@ -271,9 +271,17 @@ impl Bus {
             description: Some(config.description.clone()),
             subjects: vec![format!("$KV.{bucket}.>")],
             max_messages_per_subject: history,
-            max_bytes: if config.max_bytes == 0 { -1 } else { config.max_bytes },
+            max_bytes: if config.max_bytes == 0 {
+                -1
+            } else {
+                config.max_bytes
+            },
             max_age: config.max_age,
-            max_message_size: if config.max_value_size == 0 { -1 } else { config.max_value_size },
+            max_message_size: if config.max_value_size == 0 {
+                -1
+            } else {
+                config.max_value_size
+            },
             storage: config.storage,
             num_replicas: config.num_replicas.max(self.config.replicas),
             allow_rollup: true,
@@ -303,8 +311,13 @@ impl Bus {
         message: &M,
         msg_id: Option<&str>,
     ) -> Result<Published> {
-        self.publish_raw(subject, M::TYPE_NAME, message.encode_to_vec().into(), msg_id)
-            .await
+        self.publish_raw(
+            subject,
+            M::TYPE_NAME,
+            message.encode_to_vec().into(),
+            msg_id,
+        )
+        .await
     }
 
     /// Publishes an already encoded payload of type `type_name` to JetStream.

@@ -66,10 +66,19 @@ async fn duplicate_message_ids_are_stored_once() {
     let server = NatsServer::start();
     let bus = Bus::connect(&config(&server)).await.unwrap();
     let subject = subject::inbound("web", "a");
-    let first = bus.publish(&subject, &inbound("m1"), Some("m1")).await.unwrap();
-    let again = bus.publish(&subject, &inbound("m1"), Some("m1")).await.unwrap();
+    let first = bus
+        .publish(&subject, &inbound("m1"), Some("m1"))
+        .await
+        .unwrap();
+    let again = bus
+        .publish(&subject, &inbound("m1"), Some("m1"))
+        .await
+        .unwrap();
     assert!(!first.duplicate);
-    assert!(again.duplicate, "second publish with the same id must be dropped");
+    assert!(
+        again.duplicate,
+        "second publish with the same id must be dropped"
+    );
     let stop = CancellationToken::new();
     let seen = spawn_consumer(&bus, "dups", &stop);
     assert_eq!(wait_for(&seen, 1).await, vec!["m1"]);
@@ -85,7 +94,9 @@ async fn consumer_recovers_after_the_server_restarts() {
     let stop = CancellationToken::new();
     let seen = spawn_consumer(&bus, "restart", &stop);
     let subject = subject::inbound("web", "a");
-    bus.publish(&subject, &inbound("before"), Some("before")).await.unwrap();
+    bus.publish(&subject, &inbound("before"), Some("before"))
+        .await
+        .unwrap();
     assert_eq!(wait_for(&seen, 1).await, vec!["before"]);
 
     // A restarted server has forgotten every outstanding pull request while
@@ -93,7 +104,11 @@ async fn consumer_recovers_after_the_server_restarts() {
     server.restart();
     let mut published = false;
     for _ in 0..100 {
-        if bus.publish(&subject, &inbound("after"), Some("after")).await.is_ok() {
+        if bus
+            .publish(&subject, &inbound("after"), Some("after"))
+            .await
+            .is_ok()
+        {
             published = true;
             break;
         }
@@ -111,12 +126,20 @@ async fn consumer_recovers_when_its_consumer_is_deleted() {
     let stop = CancellationToken::new();
     let seen = spawn_consumer(&bus, "deleted", &stop);
     let subject = subject::inbound("web", "a");
-    bus.publish(&subject, &inbound("one"), Some("one")).await.unwrap();
+    bus.publish(&subject, &inbound("one"), Some("one"))
+        .await
+        .unwrap();
     wait_for(&seen, 1).await;
-    let stream = bus.jetstream().get_stream(subject::STREAM_IN).await.unwrap();
+    let stream = bus
+        .jetstream()
+        .get_stream(subject::STREAM_IN)
+        .await
+        .unwrap();
     stream.delete_consumer("deleted").await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    bus.publish(&subject, &inbound("two"), Some("two")).await.unwrap();
+    bus.publish(&subject, &inbound("two"), Some("two"))
+        .await
+        .unwrap();
     let seen = wait_for(&seen, 2).await;
     assert!(seen.contains(&"two".to_owned()), "{seen:?}");
     stop.cancel();
@@ -126,14 +149,24 @@ async fn consumer_recovers_when_its_consumer_is_deleted() {
 async fn one_lease_holder_at_a_time_and_takeover_after_release() {
     let server = NatsServer::start();
     let bus = Bus::connect(&config(&server)).await.unwrap();
-    let a = Lease::open(&bus, "hg_test_leases", Duration::from_secs(30), "a").await.unwrap();
-    let b = Lease::open(&bus, "hg_test_leases", Duration::from_secs(30), "b").await.unwrap();
+    let a = Lease::open(&bus, "hg_test_leases", Duration::from_secs(30), "a")
+        .await
+        .unwrap();
+    let b = Lease::open(&bus, "hg_test_leases", Duration::from_secs(30), "b")
+        .await
+        .unwrap();
     assert!(a.acquire("chat.1").await.unwrap());
-    assert!(a.acquire("chat.1").await.unwrap(), "owner refreshes its lease");
+    assert!(
+        a.acquire("chat.1").await.unwrap(),
+        "owner refreshes its lease"
+    );
     assert!(!b.acquire("chat.1").await.unwrap());
     assert_eq!(b.holder("chat.1").await.unwrap().as_deref(), Some("a"));
     b.release("chat.1").await.unwrap();
-    assert!(!b.acquire("chat.1").await.unwrap(), "release by a non-owner does nothing");
+    assert!(
+        !b.acquire("chat.1").await.unwrap(),
+        "release by a non-owner does nothing"
+    );
     a.release("chat.1").await.unwrap();
     assert!(b.acquire("chat.1").await.unwrap());
 }

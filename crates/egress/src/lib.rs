@@ -65,8 +65,11 @@ pub trait Platform: Send + Sync + 'static {
     }
 
     /// Delivers one part; returns the platform's id of the message created.
-    async fn send(&self, message: &OutboundMessage, part: Part<'_>)
-    -> Result<String, DeliveryError>;
+    async fn send(
+        &self,
+        message: &OutboundMessage,
+        part: Part<'_>,
+    ) -> Result<String, DeliveryError>;
 
     /// Shows or stops "typing…" in the message's chat.
     async fn typing(&self, _message: &OutboundMessage, _on: bool) -> Result<(), DeliveryError> {
@@ -195,7 +198,8 @@ impl Pipeline {
     }
 
     async fn handle(&self, delivery: Delivery, message: OutboundMessage) {
-        let span = tracing::info_span!("egress", platform = %self.platform.name(), outbound = %message.id);
+        let span =
+            tracing::info_span!("egress", platform = %self.platform.name(), outbound = %message.id);
         hg_bus::trace::set_parent(&span, delivery.headers());
         let _entered = span.enter();
         if message.kind() == OutboundKind::Typing {
@@ -229,7 +233,10 @@ impl Pipeline {
         };
         if let Err(e) = self
             .bus
-            .publish_core(&subject::receipt(&message.platform, &message.app_id), &receipt)
+            .publish_core(
+                &subject::receipt(&message.platform, &message.app_id),
+                &receipt,
+            )
             .await
         {
             tracing::warn!(error = %e, "cannot publish receipt");
@@ -300,7 +307,13 @@ impl Pipeline {
         Ok((ids, max_attempts))
     }
 
-    async fn give_up(&self, delivery: &Delivery, message: &OutboundMessage, error: &str, attempts: u32) {
+    async fn give_up(
+        &self,
+        delivery: &Delivery,
+        message: &OutboundMessage,
+        error: &str,
+        attempts: u32,
+    ) {
         let service = format!("egress-{}", self.platform.name());
         let _ = self
             .bus

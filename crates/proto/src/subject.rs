@@ -122,7 +122,16 @@ mod tests {
 
     #[test]
     fn tokens_never_contain_subject_syntax() {
-        for raw in ["a.b", "*", ">", "with space", "tab\tx", "-100123", "ü.🙂", ""] {
+        for raw in [
+            "a.b",
+            "*",
+            ">",
+            "with space",
+            "tab\tx",
+            "-100123",
+            "ü.🙂",
+            "",
+        ] {
             let t = token(raw);
             assert!(!t.is_empty());
             assert!(

@@ -139,7 +139,13 @@ pub async fn run(
     }
     let replica = format!("bridge-{}", uuid::Uuid::new_v4().simple());
     let sessions = SessionStore::open(&bus).await?;
-    let leases = Lease::open(&bus, "hg_session_leases", config.session_lease_ttl, &replica).await?;
+    let leases = Lease::open(
+        &bus,
+        "hg_session_leases",
+        config.session_lease_ttl,
+        &replica,
+    )
+    .await?;
     let meta = bus
         .kv(hg_bus::kv_config(META_BUCKET, "facts components share"))
         .await?;

@@ -113,7 +113,9 @@ impl Default for ResolverConfig {
 pub enum Decision {
     Serve(Route),
     /// Not served; tell the user `message` when not empty.
-    Reject { message: String },
+    Reject {
+        message: String,
+    },
 }
 
 /// Static rules + resolver + default route.

@@ -22,7 +22,10 @@ pub fn session_key(message: &InboundMessage) -> String {
     match message.chat_type() {
         ChatType::Direct | ChatType::Unspecified => format!("{scope}:dm:{sender}"),
         ChatType::Group | ChatType::Channel => format!("{scope}:chat:{}", message.channel_id),
-        ChatType::Thread => format!("{scope}:thread:{}:{}", message.channel_id, message.thread_id),
+        ChatType::Thread => format!(
+            "{scope}:thread:{}:{}",
+            message.channel_id, message.thread_id
+        ),
     }
 }
 

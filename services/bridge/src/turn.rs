@@ -24,9 +24,11 @@ use crate::routing::{Decision, Route, Router};
 use crate::session::{SessionRecord, SessionStore, TurnRecord};
 
 /// What the user reads when the runtime cannot be reached for now.
-const RETRYING_TEXT: &str = "⏳ The agent is unavailable right now. Your message is kept and will be retried.";
+const RETRYING_TEXT: &str =
+    "⏳ The agent is unavailable right now. Your message is kept and will be retried.";
 /// What the user reads when we gave up on a message.
-const GAVE_UP_TEXT: &str = "❌ The agent could not be reached, so your message was not processed. Please try again later.";
+const GAVE_UP_TEXT: &str =
+    "❌ The agent could not be reached, so your message was not processed. Please try again later.";
 /// What the user reads when a turn took too long.
 const TIMEOUT_TEXT: &str = "⌛ The agent took too long to answer and was stopped.";
 
@@ -107,7 +109,9 @@ impl Bridge {
                     tracing::debug!("conversation held by another replica, redelivering");
                     let _ = delivery.nak(Duration::from_millis(200)).await;
                 }
-                Outcome::Retry { reason } => self.retry_or_give_up(&delivery, &message, &reason).await,
+                Outcome::Retry { reason } => {
+                    self.retry_or_give_up(&delivery, &message, &reason).await
+                }
             }
             // Hand the conversation to whichever replica gets its next
             // message, unless more of it is already queued here.
@@ -143,7 +147,12 @@ impl Bridge {
         }
         let delay = self.config.retry_backoff * 2u32.saturating_pow(attempt.saturating_sub(1));
         let delay = delay.min(Duration::from_secs(300));
-        tracing::warn!(attempt, delay_ms = delay.as_millis() as u64, reason, "runtime unavailable, will retry");
+        tracing::warn!(
+            attempt,
+            delay_ms = delay.as_millis() as u64,
+            reason,
+            "runtime unavailable, will retry"
+        );
         let _ = delivery.nak(delay).await;
     }
 
@@ -160,12 +169,21 @@ impl Bridge {
         };
         let Some(provider) = self.providers.get(&route.runtime).cloned() else {
             tracing::error!(runtime = %route.runtime, "route names an unknown runtime");
-            self.notify(message, "misrouted", "❌ This conversation is routed to a runtime that is not configured.").await;
+            self.notify(
+                message,
+                "misrouted",
+                "❌ This conversation is routed to a runtime that is not configured.",
+            )
+            .await;
             return Outcome::Done;
         };
         let record = match self.sessions.get(key).await {
             Ok(record) => record,
-            Err(e) => return Outcome::Retry { reason: e.to_string() },
+            Err(e) => {
+                return Outcome::Retry {
+                    reason: e.to_string(),
+                };
+            }
         };
         let record = record.filter(|r| {
             r.runtime == route.runtime
@@ -204,7 +222,14 @@ impl Bridge {
                     Err(e) => return self.turn_failed(message, e).await,
                 };
                 match self
-                    .run_turn(key, delivery, message, provider.as_ref(), &mut record, TurnStart::New)
+                    .run_turn(
+                        key,
+                        delivery,
+                        message,
+                        provider.as_ref(),
+                        &mut record,
+                        TurnStart::New,
+                    )
                     .await
                 {
                     Ok(()) => Outcome::Done,
@@ -263,7 +288,10 @@ impl Bridge {
             turns: 0,
             last_turn: None,
         };
-        self.sessions.put(key, &record).await.map_err(TurnError::Bus)?;
+        self.sessions
+            .put(key, &record)
+            .await
+            .map_err(TurnError::Bus)?;
         Ok(record)
     }
 
@@ -305,7 +333,10 @@ impl Bridge {
                 };
                 record.turns += 1;
                 record.last_turn = Some(turn.clone());
-                self.sessions.put(key, record).await.map_err(TurnError::Bus)?;
+                self.sessions
+                    .put(key, record)
+                    .await
+                    .map_err(TurnError::Bus)?;
                 (turn, events)
             }
         };
@@ -333,7 +364,8 @@ impl Bridge {
                 Some(Err(e)) => return Err(TurnError::from(e)),
                 None => return Err(TurnError::Transient("runtime event stream ended".into())),
             };
-            self.observe(key, provider, &session_id, &turn, &event).await;
+            self.observe(key, provider, &session_id, &turn, &event)
+                .await;
             match &event {
                 RuntimeEvent::AgentMessage { text, .. } => buffer.push(text),
                 RuntimeEvent::ToolUse {
@@ -346,26 +378,34 @@ impl Bridge {
                     message: text,
                     retry_status,
                     ..
-                } if retry_status.as_deref() != Some("retrying") => buffer.error = Some(text.clone()),
+                } if retry_status.as_deref() != Some("retrying") => {
+                    buffer.error = Some(text.clone())
+                }
                 RuntimeEvent::CustomToolUse { id, name, input } => {
                     buffer.custom_tools.push(id.clone());
-                    self.run_custom_tool(provider, &session_id, id, name, input).await?;
+                    self.run_custom_tool(provider, &session_id, id, name, input)
+                        .await?;
                 }
                 RuntimeEvent::Status {
                     state: SessionState::Idle,
                     stop_reason: Some(StopReason::RequiresAction { event_ids }),
                     ..
                 } => {
-                    self.answer_required_actions(message, provider, &session_id, &turn, &buffer, event_ids)
-                        .await?;
+                    self.answer_required_actions(
+                        message,
+                        provider,
+                        &session_id,
+                        &turn,
+                        &buffer,
+                        event_ids,
+                    )
+                    .await?;
                 }
                 _ => {}
             }
             if event.ends_turn() {
                 if let RuntimeEvent::Status {
-                    state,
-                    stop_reason,
-                    ..
+                    state, stop_reason, ..
                 } = &event
                 {
                     buffer.note_stop(*state, stop_reason.as_ref());
@@ -399,7 +439,11 @@ impl Bridge {
         // Same id on a resumed turn: the stream drops the duplicate.
         let msg_id = format!("{}:{}:reply", message.platform, message.id);
         self.bus
-            .publish(&subject::outbound(&message.platform, &message.app_id), &out, Some(&msg_id))
+            .publish(
+                &subject::outbound(&message.platform, &message.app_id),
+                &out,
+                Some(&msg_id),
+            )
             .await
             .map_err(TurnError::Bus)?;
         metrics::counter!("hg_bridge_replies_total").increment(1);
@@ -456,10 +500,10 @@ impl Bridge {
         name: &str,
         input: &serde_json::Value,
     ) -> Result<(), TurnError> {
-        let request = self
-            .bus
-            .client()
-            .request(subject::tool(name), serde_json::to_vec(input).unwrap_or_default().into());
+        let request = self.bus.client().request(
+            subject::tool(name),
+            serde_json::to_vec(input).unwrap_or_default().into(),
+        );
         let output = match tokio::time::timeout(self.config.tool_timeout, request).await {
             Ok(Ok(reply)) => ToolOutput {
                 content: String::from_utf8_lossy(&reply.payload).into_owned(),
@@ -474,7 +518,10 @@ impl Bridge {
                 is_error: true,
             },
             Err(_) => ToolOutput {
-                content: format!("tool {name} did not answer within {:?}", self.config.tool_timeout),
+                content: format!(
+                    "tool {name} did not answer within {:?}",
+                    self.config.tool_timeout
+                ),
                 is_error: true,
             },
         };
@@ -495,9 +542,9 @@ impl Bridge {
         event: &RuntimeEvent,
     ) {
         let payload = match event {
-            RuntimeEvent::AgentMessage { text, .. } => agent_event::Event::Message(AgentMessage {
-                text: text.clone(),
-            }),
+            RuntimeEvent::AgentMessage { text, .. } => {
+                agent_event::Event::Message(AgentMessage { text: text.clone() })
+            }
             RuntimeEvent::Thinking { text, .. } => {
                 agent_event::Event::Thinking(AgentThinking { text: text.clone() })
             }
@@ -535,7 +582,11 @@ impl Bridge {
                 state, stop_reason, ..
             } => agent_event::Event::Status(Status {
                 state: state_name(*state).into(),
-                stop_reason: stop_reason.as_ref().map(stop_name).unwrap_or_default().into(),
+                stop_reason: stop_reason
+                    .as_ref()
+                    .map(stop_name)
+                    .unwrap_or_default()
+                    .into(),
             }),
             RuntimeEvent::Usage { usage, .. } => agent_event::Event::Usage(Usage {
                 input_tokens: usage.input_tokens,
@@ -590,7 +641,12 @@ impl Bridge {
         }
     }
 
-    fn outbound(&self, message: &InboundMessage, kind: OutboundKind, text: String) -> OutboundMessage {
+    fn outbound(
+        &self,
+        message: &InboundMessage,
+        kind: OutboundKind,
+        text: String,
+    ) -> OutboundMessage {
         OutboundMessage {
             id: uuid::Uuid::now_v7().to_string(),
             platform: message.platform.clone(),
@@ -600,7 +656,11 @@ impl Bridge {
             reply_to_message_id: message.id.clone(),
             text,
             kind: kind as i32,
-            recipient_id: message.sender.as_ref().map(|s| s.id.clone()).unwrap_or_default(),
+            recipient_id: message
+                .sender
+                .as_ref()
+                .map(|s| s.id.clone())
+                .unwrap_or_default(),
             timestamp_ms: hg_proto::now_ms(),
             ..Default::default()
         }
@@ -677,7 +737,10 @@ impl TurnBuffer {
         match (self.text.is_empty(), problem) {
             (false, None) => Some((OutboundKind::Reply, self.text)),
             (false, Some(p)) => Some((OutboundKind::Reply, format!("{}\n\n⚠️ {p}", self.text))),
-            (true, Some(p)) => Some((OutboundKind::Status, format!("⚠️ The agent ran into a problem: {p}"))),
+            (true, Some(p)) => Some((
+                OutboundKind::Status,
+                format!("⚠️ The agent ran into a problem: {p}"),
+            )),
             (true, None) => None,
         }
     }
@@ -685,27 +748,25 @@ impl TurnBuffer {
 
 fn to_user_message(message: &InboundMessage) -> UserMessage {
     let mut text = message.text.clone();
-    if let Some(press) = &message.button_press {
-        if text.is_empty() {
-            text = format!("[button {}: {}]", press.action_id, press.value);
-        }
+    if let Some(press) = &message.button_press
+        && text.is_empty()
+    {
+        text = format!("[button {}: {}]", press.action_id, press.value);
     }
     // In shared conversations the agent needs to know who is speaking.
     let shared = matches!(
         message.chat_type(),
         ChatType::Group | ChatType::Channel | ChatType::Thread
     );
-    if shared {
-        if let Some(sender) = &message.sender {
-            let name = if !sender.display_name.is_empty() {
-                &sender.display_name
-            } else if !sender.username.is_empty() {
-                &sender.username
-            } else {
-                &sender.id
-            };
-            text = format!("[{name}]: {text}");
-        }
+    if shared && let Some(sender) = &message.sender {
+        let name = if !sender.display_name.is_empty() {
+            &sender.display_name
+        } else if !sender.username.is_empty() {
+            &sender.username
+        } else {
+            &sender.id
+        };
+        text = format!("[{name}]: {text}");
     }
     let files = message
         .attachments

@@ -83,7 +83,12 @@ async fn run_components(config: Config, components: &[&str]) -> anyhow::Result<(
             .with_context(|| format!("cannot listen on web.listen = {}", config.web.listen))?;
         tracing::info!(url = %format!("http://{}", display_addr(&config.web.listen)), "web chat ready");
         let web_config = config.web.clone();
-        let (bus, stop, tx, health) = (bus.clone(), shutdown.clone(), exited_tx.clone(), health.clone());
+        let (bus, stop, tx, health) = (
+            bus.clone(),
+            shutdown.clone(),
+            exited_tx.clone(),
+            health.clone(),
+        );
         tracker.spawn(async move {
             let result = hg_web::run(web_config, bus, listener, health, stop).await;
             let _ = tx.send(("web", result.map_err(anyhow::Error::from)));
@@ -127,7 +132,9 @@ fn providers(config: &Config) -> anyhow::Result<Providers> {
         providers = providers.with(Arc::new(claude));
         tracing::info!(base_url = %config.claude.base_url, agent = %config.claude.agent_id, "claude managed agents configured");
     } else {
-        tracing::warn!("no ANTHROPIC_API_KEY: the default runtime is echo, which only repeats messages (wiring check)");
+        tracing::warn!(
+            "no ANTHROPIC_API_KEY: the default runtime is echo, which only repeats messages (wiring check)"
+        );
     }
     Ok(providers)
 }
@@ -172,7 +179,10 @@ impl LocalNats {
                     data_dir.join("nats-server.log").display()
                 );
             }
-            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
                 tracing::info!(%url, store = %store.display(), "started local nats-server with jetstream");
                 return Ok(LocalNats { url, child });
             }

@@ -130,7 +130,14 @@ impl Default for ClaudeSection {
 impl std::fmt::Debug for ClaudeSection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClaudeSection")
-            .field("api_key", &if self.api_key.is_empty() { "" } else { "<redacted>" })
+            .field(
+                "api_key",
+                &if self.api_key.is_empty() {
+                    ""
+                } else {
+                    "<redacted>"
+                },
+            )
             .field("base_url", &self.base_url)
             .field("agent_id", &self.agent_id)
             .field("environment_id", &self.environment_id)
@@ -182,8 +189,16 @@ impl Config {
         }
         figment = figment
             .merge(Env::prefixed("HG_").split("__").ignore(&["config"]))
-            .merge(Env::raw().only(&["ANTHROPIC_API_KEY"]).map(|_| "claude.api_key".into()))
-            .merge(Env::raw().only(&["ANTHROPIC_BASE_URL"]).map(|_| "claude.base_url".into()));
+            .merge(
+                Env::raw()
+                    .only(&["ANTHROPIC_API_KEY"])
+                    .map(|_| "claude.api_key".into()),
+            )
+            .merge(
+                Env::raw()
+                    .only(&["ANTHROPIC_BASE_URL"])
+                    .map(|_| "claude.base_url".into()),
+            );
         let mut config: Config = figment.extract().map_err(|e| {
             let mut message = String::from("invalid configuration");
             for error in e {
@@ -224,11 +239,14 @@ impl Config {
             }
         }
         if self.web.max_body_bytes == 0 {
-            return Err(ConfigError("web.max_body_bytes must be greater than 0".into()));
+            return Err(ConfigError(
+                "web.max_body_bytes must be greater than 0".into(),
+            ));
         }
         if !self.web.allow_signup && self.web.static_tokens.is_empty() {
             return Err(ConfigError(
-                "web.static_tokens must list at least one token when web.allow_signup = false".into(),
+                "web.static_tokens must list at least one token when web.allow_signup = false"
+                    .into(),
             ));
         }
         Ok(())
@@ -260,7 +278,13 @@ impl Config {
 }
 
 /// Keys whose values are secrets wherever they appear.
-const SECRET_KEYS: &[&str] = &["api_key", "token", "password", "token_secret", "static_tokens"];
+const SECRET_KEYS: &[&str] = &[
+    "api_key",
+    "token",
+    "password",
+    "token_secret",
+    "static_tokens",
+];
 
 fn redact(value: &mut toml::Value) {
     match value {
@@ -290,7 +314,10 @@ mod tests {
     fn secrets_never_appear_in_the_printed_config() {
         let mut config = Config::default();
         config.claude.api_key = "sk-ant-very-secret".into();
-        config.web.static_tokens.insert("tok-123".into(), "ops".into());
+        config
+            .web
+            .static_tokens
+            .insert("tok-123".into(), "ops".into());
         config.nats.password = Some("hunter2".into());
         let text = config.redacted_toml();
         for secret in ["sk-ant-very-secret", "tok-123", "hunter2"] {

@@ -21,7 +21,11 @@ use clap::{Parser, Subcommand};
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "harnessgate", version, about = "Connects AI agent runtimes to messaging platforms over NATS")]
+#[command(
+    name = "harnessgate",
+    version,
+    about = "Connects AI agent runtimes to messaging platforms over NATS"
+)]
 struct Cli {
     /// Configuration file (TOML). Default: ./harnessgate.toml when present.
     #[arg(long, short, global = true, env = "HG_CONFIG")]

@@ -33,7 +33,11 @@ pub async fn tail(config: &Config, subject: &str, count: Option<usize>) -> anyho
             .and_then(|h| h.get(HEADER_TYPE))
             .map(|v| v.as_str().to_owned())
             .unwrap_or_default();
-        println!("{} {}", message.subject, describe(&type_name, &message.payload));
+        println!(
+            "{} {}",
+            message.subject,
+            describe(&type_name, &message.payload)
+        );
         seen += 1;
         if count.is_some_and(|n| seen >= n) {
             break;

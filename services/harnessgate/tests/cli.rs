@@ -24,12 +24,22 @@ fn config_check_prints_the_effective_config_without_secrets() {
         .env("HG_WEB__LISTEN", "127.0.0.1:9999")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(!text.contains("sk-ant-secret-value"), "{text}");
     assert!(text.contains("api_key = \"<redacted>\""));
-    assert!(text.contains("listen = \"127.0.0.1:9999\""), "env overrides apply");
-    assert!(text.contains("runtime = \"claude\""), "claude becomes the default route");
+    assert!(
+        text.contains("listen = \"127.0.0.1:9999\""),
+        "env overrides apply"
+    );
+    assert!(
+        text.contains("runtime = \"claude\""),
+        "claude becomes the default route"
+    );
 }
 
 #[test]
@@ -47,7 +57,11 @@ fn bad_config_exits_64_naming_the_key() {
     assert!(err.contains("web.max_body_bytes"), "{err}");
 
     std::fs::write(&file, "[web]\nlisen = \"typo\"\n").unwrap();
-    let out = harnessgate().args(["config", "check", "--config"]).arg(&file).output().unwrap();
+    let out = harnessgate()
+        .args(["config", "check", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("lisen"));
 
@@ -60,7 +74,12 @@ fn bad_config_exits_64_naming_the_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("claude.agent_id"));
 
     let out = harnessgate()
-        .args(["config", "check", "--config", "/nonexistent/harnessgate.toml"])
+        .args([
+            "config",
+            "check",
+            "--config",
+            "/nonexistent/harnessgate.toml",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));

@@ -217,7 +217,10 @@ impl Hub {
         let mut messages = consumer.messages().await.map_err(|e| consumer_error(&e))?;
         while let Some(message) = messages.next().await {
             let message = message.map_err(|e| consumer_error(&e))?;
-            let seq = message.info().map(|i| i.stream_sequence).unwrap_or_default();
+            let seq = message
+                .info()
+                .map(|i| i.stream_sequence)
+                .unwrap_or_default();
             *after = Some(seq);
             let Some(key) = message.subject.as_str().strip_prefix("hgweb.deliver.") else {
                 continue;
@@ -235,7 +238,12 @@ impl Hub {
 }
 
 /// The events of `user` stored after sequence `after`, oldest first.
-pub async fn replay(bus: &Bus, app: &str, user: &str, after: u64) -> Result<Vec<WebEvent>, BusError> {
+pub async fn replay(
+    bus: &Bus,
+    app: &str,
+    user: &str,
+    after: u64,
+) -> Result<Vec<WebEvent>, BusError> {
     let consumer_error = |e: &dyn std::fmt::Display| BusError::Consumer {
         consumer: "web replay".into(),
         reason: e.to_string(),

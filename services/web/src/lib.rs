@@ -27,6 +27,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt as _;
 use futures::Stream;
 use hg_bus::{Bus, BusError};
 use hg_egress::{DeliveryError, EgressConfig, Part, Platform};
@@ -151,6 +152,11 @@ pub async fn run(
     let addr = listener.local_addr().ok();
     tracing::info!(addr = ?addr, app = %config.app_id, "web chat listening");
     health.set_ready(true);
+    // Replies are small writes: without TCP_NODELAY Nagle's algorithm and
+    // delayed ACKs add ~40 ms to each.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = axum::serve(listener, router(state))
         .with_graceful_shutdown({
             let shutdown = shutdown.clone();
@@ -324,7 +330,11 @@ async fn send_message(
         )
     })?;
     if body.text.trim().is_empty() {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "empty_message", "text is empty"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "empty_message",
+            "text is empty",
+        ));
     }
     let chars = body.text.chars().count();
     if chars > state.config.max_message_chars {
@@ -534,7 +544,11 @@ impl Platform for WebPlatform {
         hg_text::Limit::WEB
     }
 
-    async fn send(&self, message: &OutboundMessage, part: Part<'_>) -> Result<String, DeliveryError> {
+    async fn send(
+        &self,
+        message: &OutboundMessage,
+        part: Part<'_>,
+    ) -> Result<String, DeliveryError> {
         let kind = match message.kind() {
             OutboundKind::ApprovalRequest => "approval_request",
             OutboundKind::Status => "status",
@@ -566,7 +580,8 @@ impl Platform for WebPlatform {
             typing: None,
             timestamp_ms: message.timestamp_ms,
         };
-        let payload = serde_json::to_vec(&event).map_err(|e| DeliveryError::Permanent(e.to_string()))?;
+        let payload =
+            serde_json::to_vec(&event).map_err(|e| DeliveryError::Permanent(e.to_string()))?;
         let subject = hub::delivery_subject(&message.app_id, &message.channel_id);
         let msg_id = format!("{}:{}", message.id, part.index);
         let mut headers = async_nats::HeaderMap::new();
@@ -596,10 +611,14 @@ impl Platform for WebPlatform {
             typing: Some(on),
             timestamp_ms: message.timestamp_ms,
         };
-        let payload = serde_json::to_vec(&event).map_err(|e| DeliveryError::Permanent(e.to_string()))?;
+        let payload =
+            serde_json::to_vec(&event).map_err(|e| DeliveryError::Permanent(e.to_string()))?;
         self.bus
             .client()
-            .publish(hub::typing_subject(&message.app_id, &message.channel_id), payload.into())
+            .publish(
+                hub::typing_subject(&message.app_id, &message.channel_id),
+                payload.into(),
+            )
             .await
             .map_err(transient)
     }

@@ -84,7 +84,7 @@ impl Drop for Stack {
 async fn start_stack(nats: &NatsServer, fake: &FakeClaude) -> Stack {
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let child = Command::new(harnessgate_binary())
+    let mut child = Command::new(harnessgate_binary())
         .args(["run", "bridge", "web"])
         .env("HG_NATS__URL", nats.url())
         .env("ANTHROPIC_API_KEY", FakeClaude::API_KEY)
@@ -93,19 +93,24 @@ async fn start_stack(nats: &NatsServer, fake: &FakeClaude) -> Stack {
         .env("HG_CLAUDE__ENVIRONMENT_ID", "env_bench")
         .env("HG_WEB__LISTEN", format!("127.0.0.1:{port}"))
         .env("HG_ADMIN__LISTEN", "")
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdin(Stdio::null())
         .spawn()
         .expect("start harnessgate (build it with cargo build --release -p harnessgate)");
     let client = reqwest::Client::new();
     for _ in 0..200 {
-        if let Ok(res) = client.get(format!("{base}/readyz")).send().await {
-            if res.status().is_success() {
-                return Stack { child, base };
-            }
+        if let Ok(res) = client.get(format!("{base}/readyz")).send().await
+            && res.status().is_success()
+        {
+            return Stack { child, base };
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("harnessgate did not become ready");
 }
 
@@ -181,7 +186,8 @@ async fn run_user(
         let got = tokio::time::timeout(Duration::from_secs(30), async {
             while let Some(event) = events.next().await {
                 if event.event == "reply" {
-                    let data: serde_json::Value = serde_json::from_str(&event.data).unwrap_or_default();
+                    let data: serde_json::Value =
+                        serde_json::from_str(&event.data).unwrap_or_default();
                     if data["text"] == expected.as_str() {
                         return true;
                     }
@@ -278,7 +284,8 @@ async fn main() {
         let connections = Arc::new(tokio::sync::Mutex::new(Vec::with_capacity(args.idle)));
         let mut joins = Vec::new();
         for chunk in 0..args.idle.div_ceil(100) {
-            let (client, base, connections) = (client.clone(), stack.base.clone(), Arc::clone(&connections));
+            let (client, base, connections) =
+                (client.clone(), stack.base.clone(), Arc::clone(&connections));
             let n = 100.min(args.idle - chunk * 100);
             joins.push(tokio::spawn(async move {
                 for _ in 0..n {

@@ -174,7 +174,9 @@ fn tokio_stream_from(
         match rx.recv().await {
             Ok(event) => Some((Ok(event), rx)),
             Err(broadcast::error::RecvError::Lagged(n)) => Some((
-                Err(ProviderError::Protocol(format!("echo stream lagged by {n} events"))),
+                Err(ProviderError::Protocol(format!(
+                    "echo stream lagged by {n} events"
+                ))),
                 rx,
             )),
             Err(broadcast::error::RecvError::Closed) => None,

@@ -88,10 +88,14 @@ pub enum StopReason {
     EndTurn,
     /// Waiting for answers to these events (tool confirmations, custom tool
     /// results).
-    RequiresAction { event_ids: Vec<String> },
+    RequiresAction {
+        event_ids: Vec<String>,
+    },
     RetriesExhausted,
     BudgetReached,
-    Refusal { explanation: Option<String> },
+    Refusal {
+        explanation: Option<String>,
+    },
     Other(String),
 }
 
@@ -109,7 +113,10 @@ pub struct TokenUsage {
 #[derive(Debug, Clone, PartialEq)]
 pub enum RuntimeEvent {
     /// A complete piece of agent text.
-    AgentMessage { id: String, text: String },
+    AgentMessage {
+        id: String,
+        text: String,
+    },
     /// Partial agent text (only with streaming deltas); the complete
     /// `AgentMessage` with the full text always follows.
     AgentMessageDelta {
@@ -117,7 +124,10 @@ pub enum RuntimeEvent {
         message_id: String,
         text: String,
     },
-    Thinking { id: String, text: String },
+    Thinking {
+        id: String,
+        text: String,
+    },
     ToolUse {
         id: String,
         name: String,
@@ -143,7 +153,10 @@ pub enum RuntimeEvent {
         state: SessionState,
         stop_reason: Option<StopReason>,
     },
-    Usage { id: String, usage: TokenUsage },
+    Usage {
+        id: String,
+        usage: TokenUsage,
+    },
     Error {
         id: String,
         kind: String,
@@ -153,7 +166,10 @@ pub enum RuntimeEvent {
     },
     /// An event the bridge does not act on (user echoes, spans, threads…),
     /// kept so cursors advance past it.
-    Other { id: String, event_type: String },
+    Other {
+        id: String,
+        event_type: String,
+    },
 }
 
 impl RuntimeEvent {
