@@ -51,6 +51,11 @@ impl NatsServer {
         self.port
     }
 
+    /// Process id of the running server.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The JetStream store directory.
     pub fn store_dir(&self) -> &Path {
         self.store.path()

@@ -636,7 +636,10 @@ impl Scan<'_, '_> {
                 } else {
                     CHAR
                 };
-                self.offer(i, level, self.line);
+                // A cut of a kind below one already found would not be used.
+                if self.best[level + 1..].iter().all(Option::is_none) {
+                    self.offer(i, level, self.line);
+                }
             }
             self.cost += measure.char_len(c);
             if !c.is_whitespace() {

@@ -26,7 +26,8 @@ fn content(s: &str) -> String {
 }
 
 /// Checks what every split must guarantee: each part fits and has content,
-/// and the parts hold the original text in order, fence lines aside.
+/// and the parts hold the original text in order, fence lines and quote
+/// markers aside.
 fn check(text: &str, limit: Limit, parts: &[String]) {
     assert!(!parts.is_empty());
     for (i, part) in parts.iter().enumerate() {
@@ -360,6 +361,36 @@ fn quoted_and_listed_code_blocks_are_reopened_in_their_container() {
             );
             assert!(part.ends_with("\n  ```"), "{part}");
         }
+    }
+}
+
+#[test]
+fn a_longer_closing_fence_is_kept() {
+    let mut text = String::from("```rust\n");
+    for i in 0..40 {
+        writeln!(text, "let x{i} = {i};").unwrap();
+    }
+    text.push_str("`````\n\nAfter.\n");
+    let limit = Limit::new(120, Measure::Chars);
+    let parts = split_markdown(&text, limit);
+    check(&text, limit, &parts);
+    let joined = parts.join("\n");
+    assert_eq!(joined.matches("`````").count(), 1, "{parts:#?}");
+    for part in &parts {
+        assert_fences_balanced(part);
+    }
+}
+
+#[test]
+fn a_quoted_line_cut_between_words_stays_quoted() {
+    let words: Vec<String> = (0..400).map(|i| format!("w{i}")).collect();
+    let text = format!("> {}\n", words.join(" "));
+    let limit = Limit::new(100, Measure::Chars);
+    let parts = split_markdown(&text, limit);
+    check(&text, limit, &parts);
+    assert!(parts.len() > 10);
+    for part in &parts {
+        assert!(part.starts_with("> w"), "{part}");
     }
 }
 

@@ -69,6 +69,17 @@ fn rss_kib(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// CPU time (user + system) a process has used, from /proc.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 struct Stack {
     child: Child,
     base: String,
@@ -232,8 +243,10 @@ async fn main() {
         "stack pid {pid}, RSS after start-up: {} KiB",
         rss_kib(pid).0
     );
-    println!("| users | messages | msg/s | p50 ms | p99 ms | errors | lost |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    let nats_pid = nats.pid().expect("nats pid").to_string();
+    let stack_pid = pid.to_string();
+    println!("| users | messages | msg/s | p50 ms | p99 ms | errors | lost | CPU µs/msg: stack | nats | fake+load |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &users in &args.users {
         let mut prepared = Vec::with_capacity(users);
         for i in 0..users {
@@ -241,6 +254,7 @@ async fn main() {
             let events = connect(&client, &stack.base, &user).await;
             prepared.push((i, user, events));
         }
+        let cpu_before = [cpu_seconds(&stack_pid), cpu_seconds(&nats_pid), cpu_seconds("self")];
         let started = Instant::now();
         let tasks: Vec<_> = prepared
             .into_iter()
@@ -263,15 +277,20 @@ async fn main() {
             all.lost += outcome.lost;
         }
         let elapsed = started.elapsed();
+        let cpu_after = [cpu_seconds(&stack_pid), cpu_seconds(&nats_pid), cpu_seconds("self")];
+        let per_msg = |i: usize| (cpu_after[i] - cpu_before[i]) * 1e6 / (users * args.messages) as f64;
         all.latencies.sort();
         println!(
-            "| {users} | {} | {:.0} | {:.1} | {:.1} | {} | {} |",
+            "| {users} | {} | {:.0} | {:.1} | {:.1} | {} | {} | {:.0} | {:.0} | {:.0} |",
             users * args.messages,
             all.latencies.len() as f64 / elapsed.as_secs_f64(),
             percentile(&all.latencies, 0.5).as_secs_f64() * 1000.0,
             percentile(&all.latencies, 0.99).as_secs_f64() * 1000.0,
             all.errors,
             all.lost,
+            per_msg(0),
+            per_msg(1),
+            per_msg(2),
         );
     }
     let (rss, peak) = rss_kib(pid);
