@@ -19,6 +19,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{Bus, BusError, HEADER_TYPE, Result};
 
+/// Header carrying a forwarded message's original subject.
+const HEADER_FORWARDED_SUBJECT: &str = "Hg-Forwarded-Subject";
+/// Header carrying a forwarded message's ack subject.
+const HEADER_FORWARDED_REPLY: &str = "Hg-Forwarded-Reply";
+
 /// What to consume and how.
 #[derive(Debug, Clone)]
 pub struct ConsumerSpec {
@@ -111,6 +116,58 @@ impl Delivery {
     /// When this replica received the message.
     pub fn received(&self) -> Instant {
         self.received
+    }
+
+    /// Hands this message to another process subscribed to `subject` (see
+    /// [`Delivery::from_forwarded`]), which then owns the ack. Fails when
+    /// nobody answers within `timeout`; the caller still owns it then.
+    pub async fn forward(&self, bus: &Bus, subject: &str, timeout: Duration) -> Result<()> {
+        let mut headers = self.message.headers.clone().unwrap_or_default();
+        headers.insert(HEADER_FORWARDED_SUBJECT, self.message.subject.as_str());
+        if let Some(reply) = &self.message.reply {
+            headers.insert(HEADER_FORWARDED_REPLY, reply.as_str());
+        }
+        let request = async_nats::Request::new()
+            .payload(self.message.payload.clone())
+            .headers(headers)
+            .timeout(Some(timeout));
+        bus.client()
+            .send_request(subject.to_owned(), request)
+            .await
+            .map(|_| ())
+            .map_err(|e| BusError::Consumer {
+                consumer: subject.to_owned(),
+                reason: format!("forward failed: {e}"),
+            })
+    }
+
+    /// Rebuilds a delivery forwarded with [`Delivery::forward`]; acks from
+    /// it go to the original consumer. Answers the forwarder.
+    pub async fn from_forwarded(bus: &Bus, request: async_nats::Message) -> Option<Delivery> {
+        let headers = request.headers.clone()?;
+        let subject = headers.get(HEADER_FORWARDED_SUBJECT)?.as_str().to_owned();
+        let reply = headers
+            .get(HEADER_FORWARDED_REPLY)
+            .map(|r| async_nats::Subject::from(r.as_str().to_owned()));
+        if let Some(answer) = &request.reply {
+            let _ = bus.client().publish(answer.clone(), Bytes::new()).await;
+        }
+        let message = async_nats::Message {
+            subject: subject.into(),
+            reply,
+            payload: request.payload,
+            headers: Some(headers),
+            status: None,
+            description: None,
+            length: request.length,
+        };
+        Some(Delivery {
+            message: jetstream::Message {
+                message,
+                context: bus.jetstream().clone(),
+            },
+            received: Instant::now(),
+        })
     }
 
     /// Done: the server will not deliver it again.

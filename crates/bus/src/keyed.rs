@@ -2,15 +2,16 @@
 //!
 //! A conversation's messages must be handled one after another, but
 //! different conversations should not wait for each other. [`KeyedWorkers`]
-//! keeps one worker task per active key; a worker exits after it has been
-//! idle for a while, so memory follows the number of active keys.
+//! runs one worker task per key that has queued items; items of a key are
+//! handled in the order of their sequence number (the stream sequence), so
+//! an item that arrives late — forwarded from another replica, say — still
+//! goes before later ones that are waiting. A worker ends as soon as its
+//! queue is empty, so tasks and memory follow the number of busy keys.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -20,9 +21,8 @@ pub struct KeyedWorkers<T, H> {
 }
 
 struct Inner<T, H> {
-    workers: Mutex<HashMap<String, mpsc::UnboundedSender<T>>>,
+    queues: Mutex<HashMap<String, VecDeque<(u64, T)>>>,
     handler: H,
-    idle: Duration,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -31,53 +31,46 @@ impl<T, H, F> KeyedWorkers<T, H>
 where
     T: Send + 'static,
     H: Fn(String, T, usize) -> F + Send + Sync + 'static,
-    F: Future<Output = ()> + Send + 'static,
+    F: Future<Output = Option<T>> + Send + 'static,
 {
     /// Workers that call `handler(key, item, queued)` for each item, in
-    /// order per key, where `queued` is how many items of the key wait
-    /// behind this one; workers stop after `idle` without items. Workers are tracked by
-    /// `tracker` and stop taking new items when `shutdown` fires.
-    pub fn new(
-        handler: H,
-        idle: Duration,
-        tracker: TaskTracker,
-        shutdown: CancellationToken,
-    ) -> Self {
+    /// sequence order per key, where `queued` is how many items of the key
+    /// wait behind this one. A handler that returns the item puts it back
+    /// in line (in sequence order, before anything later that arrived
+    /// meanwhile). Workers are tracked by `tracker`; after
+    /// `shutdown` they finish the item in hand and leave the rest queued
+    /// (unacked work is redelivered by the server).
+    pub fn new(handler: H, tracker: TaskTracker, shutdown: CancellationToken) -> Self {
         KeyedWorkers {
             inner: Arc::new(Inner {
-                workers: Mutex::new(HashMap::new()),
+                queues: Mutex::new(HashMap::new()),
                 handler,
-                idle,
                 tracker,
                 shutdown,
             }),
         }
     }
 
-    /// Queues `item` behind earlier items of the same key.
-    pub fn dispatch(&self, key: &str, item: T) {
-        let mut workers = self.inner.workers.lock().expect("workers lock");
-        let item = match workers.get(key) {
-            Some(tx) => match tx.send(item) {
-                Ok(()) => return,
-                // The worker is exiting; start a new one below.
-                Err(mpsc::error::SendError(item)) => item,
-            },
-            None => item,
-        };
-        let (tx, rx) = mpsc::unbounded_channel();
-        let _ = tx.send(item);
-        workers.insert(key.to_owned(), tx);
+    /// Queues `item` with sequence number `seq` behind the items of `key`
+    /// with lower numbers.
+    pub fn dispatch(&self, key: &str, seq: u64, item: T) {
+        let mut queues = self.inner.queues.lock().expect("queues lock");
+        if let Some(queue) = queues.get_mut(key) {
+            // A worker is running for this key: it will pick the item up.
+            insert_in_order(queue, seq, item);
+            return;
+        }
+        queues.insert(key.to_owned(), VecDeque::from([(seq, item)]));
         let inner = Arc::clone(&self.inner);
         let key = key.to_owned();
         self.inner
             .tracker
-            .spawn(async move { inner.work(key, rx).await });
+            .spawn(async move { inner.work(key).await });
     }
 
-    /// Number of keys with a live worker.
+    /// Number of keys with a running worker.
     pub fn active(&self) -> usize {
-        self.inner.workers.lock().expect("workers lock").len()
+        self.inner.queues.lock().expect("queues lock").len()
     }
 }
 
@@ -85,48 +78,55 @@ impl<T, H, F> Inner<T, H>
 where
     T: Send + 'static,
     H: Fn(String, T, usize) -> F + Send + Sync + 'static,
-    F: Future<Output = ()> + Send + 'static,
+    F: Future<Output = Option<T>> + Send + 'static,
 {
-    async fn work(self: Arc<Self>, key: String, mut rx: mpsc::UnboundedReceiver<T>) {
+    async fn work(self: Arc<Self>, key: String) {
         loop {
-            let next = tokio::select! {
-                biased;
-                item = rx.recv() => item,
-                () = tokio::time::sleep(self.idle) => None,
-                () = self.shutdown.cancelled() => None,
-            };
-            match next {
-                Some(item) => (self.handler)(key.clone(), item, rx.len()).await,
-                None => {
-                    // Retire, unless an item slipped in while we decided to.
-                    let mut workers = self.workers.lock().expect("workers lock");
-                    match rx.try_recv() {
-                        Ok(item) if !self.shutdown.is_cancelled() => {
-                            drop(workers);
-                            (self.handler)(key.clone(), item, rx.len()).await;
-                        }
-                        _ => {
-                            workers.remove(&key);
-                            return;
-                        }
+            let next = {
+                let mut queues = self.queues.lock().expect("queues lock");
+                let queue = queues.get_mut(&key).expect("a running worker has a queue");
+                match queue.pop_front() {
+                    Some((seq, item)) if !self.shutdown.is_cancelled() => {
+                        Some((seq, item, queue.len()))
+                    }
+                    _ => {
+                        queues.remove(&key);
+                        None
                     }
                 }
+            };
+            let Some((seq, item, queued)) = next else {
+                return;
+            };
+            if let Some(item) = (self.handler)(key.clone(), item, queued).await {
+                let mut queues = self.queues.lock().expect("queues lock");
+                let queue = queues.get_mut(&key).expect("a running worker has a queue");
+                insert_in_order(queue, seq, item);
             }
         }
     }
 }
 
+fn insert_in_order<T>(queue: &mut VecDeque<(u64, T)>, seq: u64, item: T) {
+    let at = queue
+        .iter()
+        .rposition(|(s, _)| *s <= seq)
+        .map_or(0, |i| i + 1);
+    queue.insert(at, (seq, item));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[tokio::test]
-    async fn items_of_one_key_run_in_order_and_keys_run_concurrently() {
+    async fn items_run_in_sequence_order_per_key_and_keys_run_concurrently() {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let tracker = TaskTracker::new();
         let log = Arc::clone(&seen);
         let workers = KeyedWorkers::new(
-            move |key: String, n: u32, _queued: usize| {
+            move |key: String, n: u64, _queued: usize| {
                 let log = Arc::clone(&log);
                 async move {
                     // Key "slow" sleeps; "fast" must not wait for it.
@@ -134,34 +134,33 @@ mod tests {
                         tokio::time::sleep(Duration::from_millis(30)).await;
                     }
                     log.lock().unwrap().push((key, n));
+                    None
                 }
             },
-            Duration::from_millis(50),
             tracker.clone(),
             CancellationToken::new(),
         );
-        for n in 0..3 {
-            workers.dispatch("slow", n);
-            workers.dispatch("fast", n);
-        }
+        workers.dispatch("slow", 1, 1);
+        workers.dispatch("fast", 1, 1);
+        // While 1 runs, 4 arrives before 2 and 3: it must still go last.
+        workers.dispatch("slow", 4, 4);
+        workers.dispatch("slow", 2, 2);
+        workers.dispatch("slow", 3, 3);
+        workers.dispatch("fast", 2, 2);
         tokio::time::sleep(Duration::from_millis(300)).await;
         let seen = seen.lock().unwrap().clone();
-        let slow: Vec<u32> = seen
-            .iter()
-            .filter(|(k, _)| k == "slow")
-            .map(|(_, n)| *n)
-            .collect();
-        let fast: Vec<u32> = seen
-            .iter()
-            .filter(|(k, _)| k == "fast")
-            .map(|(_, n)| *n)
-            .collect();
-        assert_eq!(slow, vec![0, 1, 2]);
-        assert_eq!(fast, vec![0, 1, 2]);
+        let of = |k: &str| -> Vec<u64> {
+            seen.iter()
+                .filter(|(key, _)| key == k)
+                .map(|(_, n)| *n)
+                .collect()
+        };
+        assert_eq!(of("slow"), vec![1, 2, 3, 4]);
+        assert_eq!(of("fast"), vec![1, 2]);
         assert_eq!(
             seen[0].0, "fast",
             "fast key waited for the slow one: {seen:?}"
         );
-        assert_eq!(workers.active(), 0, "idle workers retire");
+        assert_eq!(workers.active(), 0, "idle workers end");
     }
 }

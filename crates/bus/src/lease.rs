@@ -11,6 +11,25 @@ use bytes::Bytes;
 
 use crate::{Bus, BusError, Result};
 
+/// Who holds a lease after [`Lease::acquire`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// We do, at this revision (needed to release it).
+    Ours(u64),
+    /// Another owner, by id.
+    Theirs(String),
+}
+
+impl Claim {
+    /// The revision when the lease is ours.
+    pub fn revision(&self) -> Option<u64> {
+        match self {
+            Claim::Ours(revision) => Some(*revision),
+            Claim::Theirs(_) => None,
+        }
+    }
+}
+
 /// Leases in one bucket, held under one owner id.
 #[derive(Clone)]
 pub struct Lease {
@@ -46,47 +65,45 @@ impl Lease {
     }
 
     /// Takes the lease on `key` when free, or refreshes it when already
-    /// ours. Returns false when another owner holds it.
-    pub async fn acquire(&self, key: &str) -> Result<bool> {
+    /// ours; otherwise says who holds it.
+    pub async fn acquire(&self, key: &str) -> Result<Claim> {
         match self.store.create(key, self.owner.clone()).await {
-            Ok(_) => return Ok(true),
+            Ok(revision) => return Ok(Claim::Ours(revision)),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
             Err(e) => return Err(self.error(e)),
         }
         let Some(entry) = self.store.entry(key).await.map_err(|e| self.error(e))? else {
             // Expired between the two calls: try once more.
-            return Ok(self.store.create(key, self.owner.clone()).await.is_ok());
+            return match self.store.create(key, self.owner.clone()).await {
+                Ok(revision) => Ok(Claim::Ours(revision)),
+                Err(_) => Ok(Claim::Theirs(String::new())),
+            };
         };
-        if entry.operation != kv::Operation::Put {
-            return Ok(self
-                .store
-                .update(key, self.owner.clone(), entry.revision)
-                .await
-                .is_ok());
+        if entry.operation == kv::Operation::Put && entry.value != self.owner {
+            return Ok(Claim::Theirs(
+                String::from_utf8_lossy(&entry.value).into_owned(),
+            ));
         }
-        if entry.value != self.owner {
-            return Ok(false);
-        }
-        Ok(self
+        // Ours (refresh) or deleted (take it); a concurrent writer makes
+        // the revision check fail, and then it is not ours.
+        match self
             .store
             .update(key, self.owner.clone(), entry.revision)
             .await
-            .is_ok())
+        {
+            Ok(revision) => Ok(Claim::Ours(revision)),
+            Err(_) => Ok(Claim::Theirs(String::new())),
+        }
     }
 
-    /// Gives up the lease on `key` if we hold it.
-    pub async fn release(&self, key: &str) -> Result<()> {
-        let Some(entry) = self.store.entry(key).await.map_err(|e| self.error(e))? else {
-            return Ok(());
-        };
-        if entry.operation == kv::Operation::Put && entry.value == self.owner {
-            // A concurrent takeover changes the revision; then it is not ours.
-            let _ = self
-                .store
-                .delete_expect_revision(key, Some(entry.revision))
-                .await;
+    /// Gives up the lease on `key` taken at `revision`. Does nothing when
+    /// someone else has taken it since.
+    pub async fn release(&self, key: &str, revision: u64) -> Result<()> {
+        match self.store.delete_expect_revision(key, Some(revision)).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == kv::DeleteErrorKind::WrongLastRevision => Ok(()),
+            Err(e) => Err(self.error(e)),
         }
-        Ok(())
     }
 
     /// The current owner of `key`, if any.

@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hg_bus::consumer::{ConsumerSpec, WatchedConsumer};
-use hg_bus::lease::Lease;
+use hg_bus::lease::{Claim, Lease};
 use hg_bus::{Bus, BusConfig};
 use hg_proto::{InboundMessage, subject};
 use hg_testkit::nats::NatsServer;
@@ -155,20 +155,32 @@ async fn one_lease_holder_at_a_time_and_takeover_after_release() {
     let b = Lease::open(&bus, "hg_test_leases", Duration::from_secs(30), "b")
         .await
         .unwrap();
-    assert!(a.acquire("chat.1").await.unwrap());
-    assert!(
-        a.acquire("chat.1").await.unwrap(),
-        "owner refreshes its lease"
+    let first = a
+        .acquire("chat.1")
+        .await
+        .unwrap()
+        .revision()
+        .expect("free lease");
+    let refreshed = a
+        .acquire("chat.1")
+        .await
+        .unwrap()
+        .revision()
+        .expect("owner refreshes its lease");
+    assert!(refreshed > first);
+    assert_eq!(
+        b.acquire("chat.1").await.unwrap(),
+        Claim::Theirs("a".into())
     );
-    assert!(!b.acquire("chat.1").await.unwrap());
     assert_eq!(b.holder("chat.1").await.unwrap().as_deref(), Some("a"));
-    b.release("chat.1").await.unwrap();
-    assert!(
-        !b.acquire("chat.1").await.unwrap(),
-        "release by a non-owner does nothing"
+    // A stale revision releases nothing.
+    a.release("chat.1", first).await.unwrap();
+    assert_eq!(
+        b.acquire("chat.1").await.unwrap(),
+        Claim::Theirs("a".into())
     );
-    a.release("chat.1").await.unwrap();
-    assert!(b.acquire("chat.1").await.unwrap());
+    a.release("chat.1", refreshed).await.unwrap();
+    assert!(matches!(b.acquire("chat.1").await.unwrap(), Claim::Ours(_)));
 }
 
 #[tokio::test]

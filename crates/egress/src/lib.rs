@@ -143,9 +143,11 @@ pub async fn run(
     let workers = KeyedWorkers::new(
         move |_chat: String, (delivery, message): (Delivery, OutboundMessage), _queued: usize| {
             let work = Arc::clone(&work);
-            async move { work.handle(delivery, message).await }
+            async move {
+                work.handle(delivery, message).await;
+                None
+            }
         },
-        Duration::from_secs(30),
         tracker.clone(),
         workers_stop.clone(),
     );
@@ -158,7 +160,7 @@ pub async fn run(
                         "{}\u{1f}{}\u{1f}{}",
                         message.app_id, message.channel_id, message.thread_id
                     );
-                    workers.dispatch(&chat, (delivery, message));
+                    workers.dispatch(&chat, delivery.stream_sequence(), (delivery, message));
                 }
                 Err(e) => {
                     let pipeline = Arc::clone(&pipeline);

@@ -69,40 +69,41 @@ pub fn init_telemetry(service_name: &str, format: LogFormat) -> Result<Telemetry
     );
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let exporting = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some();
-    let provider = if exporting {
+    let fmt_text =
+        (format == LogFormat::Text).then(|| tracing_subscriber::fmt::layer().with_target(false));
+    let fmt_json = (format == LogFormat::Json)
+        .then(|| tracing_subscriber::fmt::layer().json().with_target(false));
+    // Spans become OpenTelemetry spans (and NATS headers carry their
+    // context) only when they are exported: building them costs CPU on
+    // every message, for nothing when nobody collects them.
+    let (provider, otel) = if exporting {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .build()
             .map_err(|e| ServiceError::Otlp(e.to_string()))?;
-        SdkTracerProvider::builder()
+        let provider = SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
             .with_resource(
                 opentelemetry_sdk::Resource::builder()
                     .with_service_name(service_name.to_owned())
                     .build(),
             )
-            .build()
+            .build();
+        let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("harnessgate"));
+        (Some(provider), Some(layer))
     } else {
-        // No exporter: spans still get trace ids, so the context carried in
-        // NATS headers links services once an exporter is configured.
-        SdkTracerProvider::builder().build()
+        (None, None)
     };
-    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("harnessgate"));
-    let registry = tracing_subscriber::registry().with(filter).with(otel);
-    let result = match format {
-        LogFormat::Text => registry
-            .with(tracing_subscriber::fmt::layer().with_target(false))
-            .try_init(),
-        LogFormat::Json => registry
-            .with(tracing_subscriber::fmt::layer().json().with_target(false))
-            .try_init(),
-    };
+    let result = tracing_subscriber::registry()
+        .with(filter)
+        .with(otel)
+        .with(fmt_text)
+        .with(fmt_json)
+        .try_init();
     if result.is_err() {
         tracing::debug!("tracing subscriber already installed");
     }
-    Ok(Telemetry {
-        provider: exporting.then_some(provider),
-    })
+    Ok(Telemetry { provider })
 }
 
 /// The process-wide Prometheus recorder (installed on first use).

@@ -5,6 +5,7 @@
 //! one conversation are processed in order: within a replica by a worker
 //! per conversation, across replicas by a lease per conversation in KV.
 
+mod ownership;
 pub mod provider;
 pub mod routing;
 pub mod session;
@@ -57,12 +58,19 @@ pub struct BridgeConfig {
     /// after a replica dies its conversations move on within this time.
     #[serde(with = "humantime_serde")]
     pub session_lease_ttl: Duration,
+    /// How long a replica keeps an idle conversation before another replica
+    /// may take it; its messages arriving meanwhile are forwarded to it.
+    #[serde(with = "humantime_serde")]
+    pub session_lease_linger: Duration,
     /// An inbound message not acked (or marked in progress) for this long
     /// is redelivered, e.g. to another replica when this one died.
     #[serde(with = "humantime_serde")]
     pub ack_wait: Duration,
     /// Inbound messages in flight across all replicas.
     pub max_in_flight: i64,
+    /// A turn still running after this long shows "typing…".
+    #[serde(with = "humantime_serde")]
+    pub typing_delay: Duration,
     /// Timeout of a custom tool call on `hg.tool.<name>`.
     #[serde(with = "humantime_serde")]
     pub tool_timeout: Duration,
@@ -78,8 +86,10 @@ impl Default for BridgeConfig {
             max_attempts: 5,
             retry_backoff: Duration::from_secs(2),
             session_lease_ttl: Duration::from_secs(10),
+            session_lease_linger: Duration::from_secs(2),
             ack_wait: Duration::from_secs(10),
             max_in_flight: 10_000,
+            typing_delay: Duration::from_millis(300),
             tool_timeout: Duration::from_secs(30),
         }
     }
@@ -177,40 +187,72 @@ pub async fn run(
         bus.clone(),
     );
     let tracker = TaskTracker::new();
+    let linger = config.session_lease_linger;
     let bridge = Arc::new(turn::Bridge {
         bus: bus.clone(),
+        replica: replica.clone(),
         config,
         providers,
         sessions,
-        leases,
+        ownership: Arc::new(ownership::Ownership::new(
+            leases,
+            linger,
+            tracker.clone(),
+            shutdown.clone(),
+        )),
         router,
     });
     let workers_stop = CancellationToken::new();
     let work = Arc::clone(&bridge);
-    let workers = KeyedWorkers::new(
+    let workers = Arc::new(KeyedWorkers::new(
         move |key: String, (delivery, message): (Delivery, InboundMessage), queued: usize| {
             let work = Arc::clone(&work);
             async move { work.handle(key, delivery, message, queued).await }
         },
-        Duration::from_secs(30),
         tracker.clone(),
         workers_stop.clone(),
-    );
-    tracing::info!(replica = %replica, "bridge started");
-    let result = consumer
-        .run(shutdown.clone(), |delivery| {
-            match hg_bus::decode::<InboundMessage>(delivery.payload()) {
-                Ok(message) => {
-                    let key = session::session_key(&message);
-                    workers.dispatch(&key, (delivery, message));
-                }
-                Err(e) => {
-                    let bridge = Arc::clone(&bridge);
-                    tracker.spawn(async move { bridge.reject_malformed(delivery, e).await });
+    ));
+    let dispatch = {
+        let (workers, bridge, tracker) =
+            (Arc::clone(&workers), Arc::clone(&bridge), tracker.clone());
+        move |delivery: Delivery| match hg_bus::decode::<InboundMessage>(delivery.payload()) {
+            Ok(message) => {
+                let key = session::session_key(&message);
+                workers.dispatch(&key, delivery.stream_sequence(), (delivery, message));
+            }
+            Err(e) => {
+                let bridge = Arc::clone(&bridge);
+                tracker.spawn(async move { bridge.reject_malformed(delivery, e).await });
+            }
+        }
+    };
+    // Messages of a conversation another replica holds are forwarded to it,
+    // so one replica sees all of a conversation's messages, in order.
+    let mut forwarded = bus
+        .client()
+        .subscribe(turn::forward_subject(&replica))
+        .await
+        .map_err(|e| BusError::Consumer {
+            consumer: "bridge forward".into(),
+            reason: e.to_string(),
+        })?;
+    {
+        let (bus, dispatch, stop) = (bus.clone(), dispatch.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            loop {
+                let request = tokio::select! {
+                    () = stop.cancelled() => return,
+                    request = futures::StreamExt::next(&mut forwarded) => request,
+                };
+                let Some(request) = request else { return };
+                if let Some(delivery) = Delivery::from_forwarded(&bus, request).await {
+                    dispatch(delivery);
                 }
             }
-        })
-        .await;
+        });
+    }
+    tracing::info!(replica = %replica, "bridge started");
+    let result = consumer.run(shutdown.clone(), dispatch).await;
     workers_stop.cancel();
     tracker.close();
     tracker.wait().await;

@@ -5,7 +5,10 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use hg_bus::consumer::Delivery;
-use hg_bus::lease::Lease;
+use hg_bus::lease::Claim;
+use std::sync::Arc;
+
+use crate::ownership::Ownership;
 use hg_bus::{Bus, BusError};
 use hg_proto::{
     AgentError, AgentEvent, AgentMessage, AgentThinking, ChatType, CustomToolRequest,
@@ -32,12 +35,22 @@ const GAVE_UP_TEXT: &str =
 /// What the user reads when a turn took too long.
 const TIMEOUT_TEXT: &str = "⌛ The agent took too long to answer and was stopped.";
 
+/// Subject on which a replica takes conversations forwarded to it.
+pub(crate) fn forward_subject(replica: &str) -> String {
+    format!("hg.bridge.forward.{}", subject::token(replica))
+}
+
+/// How long a replica that just took a conversation waits for earlier
+/// messages forwarded by replicas that lost the race for it.
+const CLAIM_SETTLE: Duration = Duration::from_millis(15);
+
 pub(crate) struct Bridge {
     pub bus: Bus,
+    pub replica: String,
     pub config: BridgeConfig,
     pub providers: Providers,
     pub sessions: SessionStore,
-    pub leases: Lease,
+    pub ownership: Arc<Ownership>,
     pub router: Router,
 }
 
@@ -48,7 +61,7 @@ enum Outcome {
     /// Try again later.
     Retry { reason: String },
     /// Another replica holds the conversation.
-    Busy,
+    Busy { owner: String },
 }
 
 impl Bridge {
@@ -73,19 +86,28 @@ impl Bridge {
         delivery: Delivery,
         message: InboundMessage,
         queued: usize,
-    ) {
+    ) -> Option<(Delivery, InboundMessage)> {
         let span = tracing::info_span!("inbound", session = %key, inbound = %message.id, platform = %message.platform);
         hg_bus::trace::set_parent(&span, delivery.headers());
         async {
             let lease_key = subject::token(&key);
-            let outcome = match self.leases.acquire(&lease_key).await {
-                Ok(true) => {
+            let outcome = match self.ownership.claim(&lease_key).await {
+                Ok((Claim::Ours(_), true)) => {
+                    // Just took the conversation: earlier messages of it may
+                    // be on their way from replicas that lost the race. Let
+                    // them arrive, then go back in line in stream order.
+                    tokio::time::sleep(CLAIM_SETTLE).await;
+                    return Some((delivery, message));
+                }
+                Ok((Claim::Ours(_), _)) => {
                     // Keep the conversation ours while the turn runs.
                     let refresh = async {
                         loop {
-                            tokio::time::sleep(self.leases.ttl() / 3).await;
-                            if let Err(e) = self.leases.acquire(&lease_key).await {
-                                tracing::warn!(error = %e, "cannot refresh the conversation lease");
+                            tokio::time::sleep(self.ownership.refresh_every()).await;
+                            match self.ownership.refresh(&lease_key).await {
+                                Ok(Claim::Ours(_)) => {}
+                                Ok(Claim::Theirs(_)) => tracing::warn!("conversation lease lost mid-turn"),
+                                Err(e) => tracing::warn!(error = %e, "cannot refresh the conversation lease"),
                             }
                         }
                     };
@@ -94,30 +116,40 @@ impl Bridge {
                         () = refresh => unreachable!("the refresh loop never ends"),
                     }
                 }
-                Ok(false) => Outcome::Busy,
+                Ok((Claim::Theirs(owner), _)) => Outcome::Busy { owner },
                 Err(e) => Outcome::Retry {
                     reason: e.to_string(),
                 },
             };
+            let ours = !matches!(outcome, Outcome::Busy { .. });
             match outcome {
                 Outcome::Done => {
                     if let Err(e) = delivery.ack().await {
                         tracing::warn!(error = %e, "ack failed; the message may be redelivered");
                     }
                 }
-                Outcome::Busy => {
-                    tracing::debug!("conversation held by another replica, redelivering");
-                    let _ = delivery.nak(Duration::from_millis(200)).await;
+                Outcome::Busy { owner } => {
+                    // The holder takes it into its ordered queue; if it does
+                    // not answer (it died), the lease expires and the
+                    // message comes back.
+                    let forwarded = !owner.is_empty()
+                        && owner != self.replica
+                        && delivery
+                            .forward(&self.bus, &forward_subject(&owner), Duration::from_secs(2))
+                            .await
+                            .is_ok();
+                    if forwarded {
+                        tracing::debug!(owner = %owner, "conversation held by another replica, forwarded");
+                    } else {
+                        let _ = delivery.nak(Duration::from_millis(200)).await;
+                    }
                 }
-                Outcome::Retry { reason } => {
-                    self.retry_or_give_up(&delivery, &message, &reason).await
-                }
+                Outcome::Retry { reason } => self.retry_or_give_up(&delivery, &message, &reason).await,
             }
-            // Hand the conversation to whichever replica gets its next
-            // message, unless more of it is already queued here.
-            if queued == 0 {
-                let _ = self.leases.release(&lease_key).await;
+            if ours && queued == 0 {
+                self.ownership.idle(&lease_key);
             }
+            None
         }
         .instrument(span)
         .await
@@ -314,7 +346,6 @@ impl Bridge {
                 (turn, events)
             }
             TurnStart::New => {
-                self.typing(message, key, true).await;
                 // Open the stream first: the runtime streams only events
                 // produced after it connected.
                 let events = provider
@@ -345,9 +376,19 @@ impl Bridge {
         let deadline = tokio::time::Instant::now() + self.config.turn_timeout;
         let mut progress = tokio::time::interval(self.config.ack_wait / 3);
         progress.tick().await;
+        // "typing…" only for turns that take a noticeable time: a fast
+        // answer needs no indicator (and saves a message per turn).
+        let typing_at = tokio::time::sleep(self.config.typing_delay);
+        tokio::pin!(typing_at);
+        let mut typing = false;
         loop {
             let next = tokio::select! {
                 next = events.next() => next,
+                () = &mut typing_at, if !typing => {
+                    typing = true;
+                    self.typing(message, key, true).await;
+                    continue;
+                }
                 _ = progress.tick() => {
                     let _ = delivery.progress().await;
                     continue;
@@ -415,7 +456,8 @@ impl Bridge {
         }
         metrics::histogram!("hg_bridge_turn_seconds", "runtime" => provider.name())
             .record(started.elapsed().as_secs_f64());
-        self.publish_reply(message, key, &turn, buffer).await
+        self.publish_reply(message, key, &turn, buffer, typing)
+            .await
     }
 
     async fn publish_reply(
@@ -424,11 +466,14 @@ impl Bridge {
         key: &str,
         turn: &TurnRecord,
         buffer: TurnBuffer,
+        typing: bool,
     ) -> Result<(), TurnError> {
         let (kind, text) = match buffer.finish() {
             Some(reply) => reply,
             None => {
-                self.typing(message, key, false).await;
+                if typing {
+                    self.typing(message, key, false).await;
+                }
                 return Ok(());
             }
         };

@@ -75,7 +75,12 @@ fn cpu_seconds(pid: &str) -> f64 {
     // Fields after the command name (which may contain spaces).
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here.
     (ticks(11) + ticks(12)) / 100.0
 }
@@ -245,7 +250,9 @@ async fn main() {
     );
     let nats_pid = nats.pid().expect("nats pid").to_string();
     let stack_pid = pid.to_string();
-    println!("| users | messages | msg/s | p50 ms | p99 ms | errors | lost | CPU µs/msg: stack | nats | fake+load |");
+    println!(
+        "| users | messages | msg/s | p50 ms | p99 ms | errors | lost | CPU µs/msg: stack | nats | fake+load |"
+    );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &users in &args.users {
         let mut prepared = Vec::with_capacity(users);
@@ -254,7 +261,11 @@ async fn main() {
             let events = connect(&client, &stack.base, &user).await;
             prepared.push((i, user, events));
         }
-        let cpu_before = [cpu_seconds(&stack_pid), cpu_seconds(&nats_pid), cpu_seconds("self")];
+        let cpu_before = [
+            cpu_seconds(&stack_pid),
+            cpu_seconds(&nats_pid),
+            cpu_seconds("self"),
+        ];
         let started = Instant::now();
         let tasks: Vec<_> = prepared
             .into_iter()
@@ -277,8 +288,13 @@ async fn main() {
             all.lost += outcome.lost;
         }
         let elapsed = started.elapsed();
-        let cpu_after = [cpu_seconds(&stack_pid), cpu_seconds(&nats_pid), cpu_seconds("self")];
-        let per_msg = |i: usize| (cpu_after[i] - cpu_before[i]) * 1e6 / (users * args.messages) as f64;
+        let cpu_after = [
+            cpu_seconds(&stack_pid),
+            cpu_seconds(&nats_pid),
+            cpu_seconds("self"),
+        ];
+        let per_msg =
+            |i: usize| (cpu_after[i] - cpu_before[i]) * 1e6 / (users * args.messages) as f64;
         all.latencies.sort();
         println!(
             "| {users} | {} | {:.0} | {:.1} | {:.1} | {} | {} | {:.0} | {:.0} | {:.0} |",

@@ -1,0 +1,125 @@
+//! Which replica processes a conversation.
+//!
+//! A replica that takes a conversation holds its lease in KV while it works
+//! on it and for a short linger afterwards. Messages of the conversation
+//! that reach other replicas meanwhile are forwarded to the holder, which
+//! queues them in stream order, so a conversation stays on one replica while
+//! it is active and its messages are processed one at a time, in order.
+//! Holding on through the linger also means consecutive messages cost no KV
+//! operations (the lease is only refreshed every third of its lifetime).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hg_bus::BusError;
+use hg_bus::lease::{Claim, Lease};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+struct Held {
+    revision: u64,
+    refreshed: Instant,
+    /// Bumped on every use, so a pending release knows it is stale.
+    generation: u64,
+}
+
+/// This replica's conversation leases.
+pub(crate) struct Ownership {
+    lease: Lease,
+    linger: Duration,
+    held: Mutex<HashMap<String, Held>>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Ownership {
+    pub(crate) fn new(
+        lease: Lease,
+        linger: Duration,
+        tracker: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Ownership {
+            lease,
+            linger,
+            held: Mutex::new(HashMap::new()),
+            tracker,
+            shutdown,
+        }
+    }
+
+    /// Takes (or keeps) the conversation `key`, or says who has it. `fresh`
+    /// is true when this replica did not hold it before the call.
+    pub(crate) async fn claim(&self, key: &str) -> Result<(Claim, bool), BusError> {
+        {
+            let mut held = self.held.lock().expect("held lock");
+            if let Some(h) = held.get_mut(key) {
+                h.generation += 1;
+                if h.refreshed.elapsed() < self.lease.ttl() / 3 {
+                    return Ok((Claim::Ours(h.revision), false));
+                }
+            }
+        }
+        let fresh = !self.held.lock().expect("held lock").contains_key(key);
+        Ok((self.refresh(key).await?, fresh))
+    }
+
+    /// Renews the lease of `key` in KV.
+    pub(crate) async fn refresh(&self, key: &str) -> Result<Claim, BusError> {
+        let claim = self.lease.acquire(key).await;
+        let mut held = self.held.lock().expect("held lock");
+        match &claim {
+            Ok(Claim::Ours(revision)) => {
+                let h = held.entry(key.to_owned()).or_insert(Held {
+                    revision: *revision,
+                    refreshed: Instant::now(),
+                    generation: 0,
+                });
+                h.revision = *revision;
+                h.refreshed = Instant::now();
+            }
+            _ => {
+                held.remove(key);
+            }
+        }
+        claim
+    }
+
+    /// How often to refresh while working on a conversation.
+    pub(crate) fn refresh_every(&self) -> Duration {
+        self.lease.ttl() / 3
+    }
+
+    /// Work on `key` is done for now: release it after the linger unless
+    /// more work for it starts meanwhile.
+    pub(crate) fn idle(self: &std::sync::Arc<Self>, key: &str) {
+        let generation = {
+            let held = self.held.lock().expect("held lock");
+            match held.get(key) {
+                Some(h) => h.generation,
+                None => return,
+            }
+        };
+        let this = std::sync::Arc::clone(self);
+        let key = key.to_owned();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep(this.linger) => {}
+                () = this.shutdown.cancelled() => {}
+            }
+            let revision = {
+                let mut held = this.held.lock().expect("held lock");
+                match held.get(&key) {
+                    Some(h) if h.generation == generation => held.remove(&key).map(|h| h.revision),
+                    _ => None,
+                }
+            };
+            if let Some(revision) = revision
+                && let Err(e) = this.lease.release(&key, revision).await
+            {
+                tracing::debug!(error = %e, "cannot release a conversation lease; it will expire");
+            }
+        });
+    }
+}
