@@ -68,7 +68,8 @@ pub fn init_telemetry(service_name: &str, format: LogFormat) -> Result<Telemetry
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
     );
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let exporting = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some();
+    let exporting = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .is_some_and(|endpoint| !endpoint.is_empty());
     let fmt_text =
         (format == LogFormat::Text).then(|| tracing_subscriber::fmt::layer().with_target(false));
     let fmt_json = (format == LogFormat::Json)
