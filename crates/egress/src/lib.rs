@@ -22,6 +22,7 @@ use hg_text::Limit;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 /// Why a platform did not accept a part.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -203,7 +204,12 @@ impl Pipeline {
         let span =
             tracing::info_span!("egress", platform = %self.platform.name(), outbound = %message.id);
         hg_bus::trace::set_parent(&span, delivery.headers());
-        let _entered = span.enter();
+        self.handle_in_span(delivery, message)
+            .instrument(span)
+            .await
+    }
+
+    async fn handle_in_span(&self, delivery: Delivery, message: OutboundMessage) {
         if message.kind() == OutboundKind::Typing {
             if let Err(e) = self.platform.typing(&message, !message.typing_stop).await {
                 tracing::debug!(error = %e, "typing indicator failed");

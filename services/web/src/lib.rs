@@ -36,6 +36,7 @@ use hg_service::Health;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::auth::{AuthError, Authenticator};
 use crate::hub::{Hub, WebButton, WebEvent};
@@ -374,9 +375,12 @@ async fn send_message(
         ..Default::default()
     };
     let msg_id = format!("web:{}:{}", app, inbound.id);
+    // The trace of this message starts here and follows it over the bus.
+    let span = tracing::info_span!("web.inbound", user = %user, inbound = %inbound.id);
     state
         .bus
         .publish(&subject::inbound(PLATFORM, app), &inbound, Some(&msg_id))
+        .instrument(span)
         .await
         .map_err(|e| {
             tracing::error!(error = %e, "cannot publish inbound message");
