@@ -70,10 +70,18 @@ pub fn init_telemetry(service_name: &str, format: LogFormat) -> Result<Telemetry
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let exporting = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT")
         .is_some_and(|endpoint| !endpoint.is_empty());
-    let fmt_text =
-        (format == LogFormat::Text).then(|| tracing_subscriber::fmt::layer().with_target(false));
-    let fmt_json = (format == LogFormat::Json)
-        .then(|| tracing_subscriber::fmt::layer().json().with_target(false));
+    // Logs go to stderr: stdout stays for command output (`tail`).
+    let fmt_text = (format == LogFormat::Text).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_target(false)
+            .with_writer(std::io::stderr)
+    });
+    let fmt_json = (format == LogFormat::Json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_target(false)
+            .with_writer(std::io::stderr)
+    });
     // Spans become OpenTelemetry spans (and NATS headers carry their
     // context) only when they are exported: building them costs CPU on
     // every message, for nothing when nobody collects them.

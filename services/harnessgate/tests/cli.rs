@@ -99,3 +99,63 @@ fn up_without_nats_server_explains_how_to_install_it() {
     assert!(err.contains("nats-server is not installed"), "{err}");
     assert!(err.contains("apt-get install nats-server"), "{err}");
 }
+
+#[test]
+fn run_serves_health_and_drains_on_sigterm() {
+    let nats = hg_testkit::nats::NatsServer::start();
+    let web_port = hg_testkit::nats::free_port();
+    let admin_port = hg_testkit::nats::free_port();
+    let mut child = harnessgate()
+        .args(["run", "bridge", "web"])
+        .env("HG_NATS__URL", nats.url())
+        .env("HG_WEB__LISTEN", format!("127.0.0.1:{web_port}"))
+        .env("HG_ADMIN__LISTEN", format!("127.0.0.1:{admin_port}"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ready = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        http_status(admin_port, "/readyz") == Some(200)
+            && http_status(web_port, "/readyz") == Some(200)
+    });
+    assert!(ready, "admin and web endpoints become ready");
+    assert_eq!(http_status(admin_port, "/healthz"), Some(200));
+    assert_eq!(http_status(admin_port, "/metrics"), Some(200));
+
+    let started = std::time::Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "drains within the grace period"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status.success(), "clean exit after SIGTERM: {status}");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("draining"), "{stderr}");
+}
+
+/// Status code of a plain HTTP/1.1 GET on localhost.
+fn http_status(port: u16, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response.split_whitespace().nth(1)?.parse().ok()
+}
