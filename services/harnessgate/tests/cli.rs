@@ -159,3 +159,50 @@ fn http_status(port: u16, path: &str) -> Option<u16> {
     stream.read_to_string(&mut response).ok()?;
     response.split_whitespace().nth(1)?.parse().ok()
 }
+
+#[tokio::test]
+async fn tail_prints_bus_messages_decoded() {
+    let nats = hg_testkit::nats::NatsServer::start();
+    let bus = hg_bus::Bus::connect(&hg_bus::BusConfig {
+        url: nats.url(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let child = harnessgate()
+        .args(["tail", "hg.in.>", "-n", "1"])
+        .env("HG_NATS__URL", nats.url())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let message = hg_proto::InboundMessage {
+        id: "m-1".into(),
+        platform: "web".into(),
+        app_id: "default".into(),
+        text: "hello from the bus".into(),
+        ..Default::default()
+    };
+    // Publish until tail has subscribed and printed (it exits after one).
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output());
+    tokio::pin!(output);
+    let output = loop {
+        bus.publish(
+            &hg_proto::subject::inbound("web", "default"),
+            &message,
+            None,
+        )
+        .await
+        .unwrap();
+        tokio::select! {
+            out = &mut output => break out.unwrap().unwrap(),
+            () = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+        }
+    };
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        stdout.starts_with("hg.in.web.default harnessgate.v1.InboundMessage"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("hello from the bus"), "{stdout}");
+}
