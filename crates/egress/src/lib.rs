@@ -262,7 +262,9 @@ impl Pipeline {
         message: &OutboundMessage,
     ) -> Result<(Vec<String>, u32), (Vec<String>, u32, String)> {
         let parts = self.platform.split(&message.text);
-        let parts: Vec<&str> = if parts.is_empty() && !message.buttons.is_empty() {
+        let parts: Vec<&str> = if parts.is_empty()
+            && (!message.buttons.is_empty() || !message.attachments.is_empty())
+        {
             vec![""]
         } else {
             parts.iter().map(String::as_str).collect()
@@ -343,8 +345,13 @@ impl Pipeline {
             attachments: Vec::new(),
             ..message.clone()
         };
+        // Rendered like any text, so platforms with their own markup get
+        // what they expect.
+        let rendered = self.platform.split(DELIVERY_FAILED_NOTICE);
         let part = Part {
-            text: DELIVERY_FAILED_NOTICE,
+            text: rendered
+                .first()
+                .map_or(DELIVERY_FAILED_NOTICE, String::as_str),
             index: 0,
             count: 1,
             buttons: &[],

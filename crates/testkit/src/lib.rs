@@ -2,4 +2,5 @@
 //! wire protocols of the platforms and runtimes we cannot reach from tests.
 
 pub mod fake_claude;
+pub mod fake_telegram;
 pub mod nats;

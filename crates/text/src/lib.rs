@@ -11,6 +11,7 @@
 mod html;
 mod measure;
 mod split;
+pub mod telegram;
 
 pub use html::render_html;
 pub use measure::{Limit, Measure};

@@ -9,8 +9,8 @@
 //! (`hgweb.typing.<app>.<user>`).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{DeliverPolicy, ReplayPolicy, pull};
@@ -95,7 +95,9 @@ pub async fn ensure_stream(bus: &Bus, max_age: Duration) -> Result<(), BusError>
     .map(|_| ())
 }
 
-type Connections = HashMap<String, Vec<(u64, mpsc::Sender<WebEvent>)>>;
+/// Events are shared, not copied, between a user's connections; an
+/// `Arc` also keeps each idle connection's channel small.
+type Connections = HashMap<String, Vec<(u64, mpsc::Sender<Arc<WebEvent>>)>>;
 
 /// Connections held by this replica, by user.
 #[derive(Default)]
@@ -106,12 +108,12 @@ pub struct Hub {
 
 /// Events one connection may queue before it is dropped as too slow (the
 /// browser reconnects and catches up from the stream).
-const CONNECTION_QUEUE: usize = 256;
+const CONNECTION_QUEUE: usize = 64;
 
 impl Hub {
     /// Registers a connection of `user` in `app`; returns its id (for
     /// [`Hub::disconnect`]) and the receiver of its live events.
-    pub fn register(&self, app: &str, user: &str) -> (u64, mpsc::Receiver<WebEvent>) {
+    pub fn register(&self, app: &str, user: &str) -> (u64, mpsc::Receiver<Arc<WebEvent>>) {
         let key = hub_key(app, user);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(CONNECTION_QUEUE);
@@ -142,12 +144,13 @@ impl Hub {
     }
 
     /// Hands `event` to every connection of the user behind `key`.
-    fn dispatch(&self, key: &str, event: &WebEvent) {
+    fn dispatch(&self, key: &str, event: WebEvent) {
+        let event = Arc::new(event);
         let mut connections = self.connections.lock().expect("hub lock");
         if let Some(list) = connections.get_mut(key) {
             // A full queue means a stalled browser: close it; it will
             // reconnect with its last event id and miss nothing.
-            list.retain(|(_, tx)| tx.try_send(event.clone()).is_ok());
+            list.retain(|(_, tx)| tx.try_send(Arc::clone(&event)).is_ok());
         }
     }
 
@@ -169,7 +172,7 @@ impl Hub {
                     msg.subject.as_str().strip_prefix("hgweb.typing."),
                     serde_json::from_slice::<WebEvent>(&msg.payload),
                 ) {
-                    self.dispatch(key, &event);
+                    self.dispatch(key, event);
                 }
             }
         };
@@ -228,7 +231,7 @@ impl Hub {
             match serde_json::from_slice::<WebEvent>(&message.payload) {
                 Ok(mut event) => {
                     event.seq = seq;
-                    self.dispatch(key, &event);
+                    self.dispatch(key, event);
                 }
                 Err(e) => tracing::warn!(seq, error = %e, "unreadable web delivery"),
             }

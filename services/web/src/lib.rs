@@ -477,7 +477,7 @@ use futures::FutureExt as _;
 
 /// A hub connection that owns its hub handle, so it can live in a stream.
 struct OwnedConnection {
-    rx: tokio::sync::mpsc::Receiver<WebEvent>,
+    rx: tokio::sync::mpsc::Receiver<Arc<WebEvent>>,
     _guard: ConnectionGuard,
 }
 
@@ -508,7 +508,7 @@ impl OwnedConnection {
         }
     }
 
-    async fn recv(&mut self) -> Option<WebEvent> {
+    async fn recv(&mut self) -> Option<Arc<WebEvent>> {
         self.rx.recv().await
     }
 }
