@@ -616,6 +616,7 @@ async fn a_photo_reaches_the_bridge_through_the_object_store_and_a_document_goes
     let token = fake.add_bot(BOT_ID, BOT_NAME);
     let mut tg = config(&fake, &[&token]);
     tg.max_file_bytes = 1000;
+    let _bridge = stack.echo_bridge().await;
     let _ingress = ingress(&stack, tg.clone()).await;
     let _egress = egress(&stack, tg).await;
     let mut inbound = collect::<InboundMessage>(&stack.bus, "hg.in.telegram.>").await;
@@ -648,6 +649,14 @@ async fn a_photo_reaches_the_bridge_through_the_object_store_and_a_document_goes
         .await
         .unwrap();
     assert_eq!(stored, photo);
+    // The bridge read it from the object store and handed it to the agent
+    // (the echo runtime lists the files it got).
+    fake.wait_sent(WAIT, |s| {
+        s.iter()
+            .any(|m| m.visible_text.contains("image/jpeg, 700 bytes"))
+    })
+    .await
+    .expect("the agent received the photo's bytes");
 
     // Too large: not passed on, and the user is told.
     fake.push_message(&token, &chat, &user(5, "Ana"), json!({

@@ -26,6 +26,9 @@ use crate::provider::{
 use crate::routing::{Decision, Route, Router};
 use crate::session::{SessionRecord, SessionStore, TurnRecord};
 
+/// Object store bucket where ingress services keep inbound files.
+const FILES_BUCKET: &str = "hg_files";
+
 /// What the user reads when the runtime cannot be reached for now.
 const RETRYING_TEXT: &str =
     "⏳ The agent is unavailable right now. Your message is kept and will be retried.";
@@ -352,7 +355,8 @@ impl Bridge {
                     .event_stream(&session_id, None)
                     .await
                     .map_err(TurnError::from)?;
-                let user_message = to_user_message(message);
+                let mut user_message = to_user_message(message);
+                user_message.files.extend(self.stored_files(message).await);
                 let anchor = provider
                     .send_message(&session_id, &user_message)
                     .await
@@ -663,6 +667,50 @@ impl Bridge {
         if let Err(e) = self.bus.publish_core(&subject::events(key), &out).await {
             tracing::debug!(error = %e, "cannot publish agent event");
         }
+    }
+
+    /// Attachments an ingress put in the object store (`hg_files`). A file
+    /// that cannot be read is left out and the agent told so in the text
+    /// of its name, rather than failing the whole message.
+    async fn stored_files(&self, message: &InboundMessage) -> Vec<UserFile> {
+        let stored: Vec<_> = message
+            .attachments
+            .iter()
+            .filter(|a| a.data.is_empty() && !a.object_key.is_empty())
+            .collect();
+        if stored.is_empty() {
+            return Vec::new();
+        }
+        let store = match self.bus.jetstream().get_object_store(FILES_BUCKET).await {
+            Ok(store) => store,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open the files bucket");
+                return Vec::new();
+            }
+        };
+        let mut files = Vec::with_capacity(stored.len());
+        for attachment in stored {
+            let data = async {
+                let mut object = store.get(&attachment.object_key).await.ok()?;
+                let mut data = Vec::new();
+                tokio::io::AsyncReadExt::read_to_end(&mut object, &mut data)
+                    .await
+                    .ok()?;
+                Some(data)
+            }
+            .await;
+            match data {
+                Some(data) => files.push(UserFile {
+                    file_name: attachment.file_name.clone(),
+                    mime_type: attachment.mime_type.clone(),
+                    data,
+                }),
+                None => {
+                    tracing::warn!(object = %attachment.object_key, "stored attachment not readable")
+                }
+            }
+        }
+        files
     }
 
     async fn typing(&self, message: &InboundMessage, key: &str, on: bool) {
