@@ -31,7 +31,11 @@ pub async fn up(mut config: Config) -> anyhow::Result<()> {
     } else {
         None
     };
-    let result = run_components(config, &["bridge", "web"]).await;
+    let mut components = vec!["bridge", "web"];
+    if !config.telegram.bots.is_empty() {
+        components.extend(["telegram-ingress", "telegram-egress"]);
+    }
+    let result = run_components(config, &components).await;
     if let Some(nats) = nats {
         nats.stop().await;
     }
@@ -92,6 +96,29 @@ async fn run_components(config: Config, components: &[&str]) -> anyhow::Result<(
         tracker.spawn(async move {
             let result = hg_web::run(web_config, bus, listener, health, stop).await;
             let _ = tx.send(("web", result.map_err(anyhow::Error::from)));
+        });
+    }
+    for (component, ingress) in [("telegram-ingress", true), ("telegram-egress", false)] {
+        if !components.contains(&component) {
+            continue;
+        }
+        if config.telegram.bots.is_empty() {
+            bail!("{component} needs at least one bot in telegram.bots (or HG_TELEGRAM__BOTS)");
+        }
+        let telegram = config.telegram.clone();
+        let (bus, stop, tx) = (bus.clone(), shutdown.clone(), exited_tx.clone());
+        tracker.spawn(async move {
+            let result = if ingress {
+                hg_telegram::run_ingress(telegram, bus, stop).await
+            } else {
+                hg_telegram::run_egress(telegram, bus, stop).await
+            };
+            let name = if ingress {
+                "telegram-ingress"
+            } else {
+                "telegram-egress"
+            };
+            let _ = tx.send((name, result.map_err(anyhow::Error::from)));
         });
     }
     drop(exited_tx);

@@ -14,6 +14,7 @@ use hg_bridge::provider::claude::ClaudeConfig;
 use hg_bridge::routing::Route;
 use hg_bus::BusConfig;
 use hg_service::LogFormat;
+use hg_telegram::TelegramConfig;
 use hg_web::WebConfig;
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +29,7 @@ pub struct Config {
     pub claude: ClaudeSection,
     pub bridge: BridgeConfig,
     pub web: WebConfig,
+    pub telegram: TelegramConfig,
 }
 
 impl Default for Config {
@@ -44,6 +46,7 @@ impl Default for Config {
             claude: ClaudeSection::default(),
             bridge: BridgeConfig::default(),
             web: WebConfig::default(),
+            telegram: TelegramConfig::default(),
         }
     }
 }
@@ -238,6 +241,11 @@ impl Config {
                 )));
             }
         }
+        if !self.telegram.bots.is_empty() {
+            self.telegram
+                .validate()
+                .map_err(|e| ConfigError(e.to_string()))?;
+        }
         if self.web.max_body_bytes == 0 {
             return Err(ConfigError(
                 "web.max_body_bytes must be greater than 0".into(),
@@ -319,8 +327,18 @@ mod tests {
             .static_tokens
             .insert("tok-123".into(), "ops".into());
         config.nats.password = Some("hunter2".into());
+        config.telegram.bots.push(hg_telegram::BotConfig {
+            token: "123456:telegram-bot-token".into(),
+        });
+        config.telegram.webhook.secret_token = "webhook-secret".into();
         let text = config.redacted_toml();
-        for secret in ["sk-ant-very-secret", "tok-123", "hunter2"] {
+        for secret in [
+            "sk-ant-very-secret",
+            "tok-123",
+            "hunter2",
+            "123456:telegram-bot-token",
+            "webhook-secret",
+        ] {
             assert!(!text.contains(secret), "{secret} leaked:\n{text}");
         }
         assert!(text.contains("<redacted>"));

@@ -9,6 +9,7 @@
 
 /// mimalloc: the message path allocates many small short-lived buffers,
 /// where glibc malloc showed up as ~14% of the stack's CPU under load.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -41,12 +42,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run every component in one process; starts a local nats-server with
-    /// JetStream when `nats.url` is not set.
+    /// Run every component in one process (Telegram when bots are
+    /// configured); starts a local nats-server with JetStream when
+    /// `nats.url` is not set.
     Up,
-    /// Run the given components (bridge, web) in this process.
+    /// Run the given components in this process.
     Run {
-        #[arg(required = true, value_parser = ["bridge", "web"])]
+        #[arg(required = true, value_parser = ["bridge", "web", "telegram-ingress", "telegram-egress"])]
         components: Vec<String>,
     },
     /// Print bus messages on a subject (wildcards allowed), decoded.
