@@ -292,6 +292,7 @@ const SECRET_KEYS: &[&str] = &[
     "password",
     "token_secret",
     "static_tokens",
+    "secret_token",
 ];
 
 fn redact(value: &mut toml::Value) {
