@@ -206,10 +206,7 @@ async fn requests_carry_the_sdk_headers_and_bodies() {
     turn(&mut stream).await;
 
     let requests = fake.requests();
-    assert!(
-        requests.len() >= 4,
-        "create, stream, list, send: {requests:?}"
-    );
+    assert!(requests.len() >= 3, "create, stream, send: {requests:?}");
     for request in &requests {
         let header = |name: &str| request.headers.get(name).map(String::as_str);
         assert_eq!(
@@ -1265,4 +1262,335 @@ async fn deltas_and_a_dropped_stream_still_give_the_message_once() {
             "no delta after its message"
         );
     }
+}
+
+// ---------------------------------------------------------------------------
+// One shared event stream per session
+// ---------------------------------------------------------------------------
+
+fn stream_requests(fake: &FakeClaude, session: &str) -> usize {
+    fake.request_count("GET", &format!("/v1/sessions/{session}/events/stream"))
+}
+
+/// `GET …/events` (the history), not the live stream.
+fn list_requests(fake: &FakeClaude, session: &str) -> Vec<String> {
+    let path = format!("/v1/sessions/{session}/events");
+    fake.requests()
+        .into_iter()
+        .filter(|request| request.method == "GET" && request.path == path)
+        .map(|request| request.query.unwrap_or_default())
+        .collect()
+}
+
+async fn eventually(what: &str, check: impl Fn() -> bool) {
+    let started = Instant::now();
+    while !check() {
+        assert!(
+            started.elapsed() < WAIT,
+            "{what} did not happen within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn consecutive_turns_share_one_stream_connection() {
+    let fake = FakeClaude::start().await;
+    let claude = provider(&fake);
+    let session = claude.create_session(&spec()).await.expect("create");
+    for said in ["one", "two", "three"] {
+        // What the bridge does per turn: open, send, read to the end, drop.
+        let mut stream = claude.event_stream(&session, None).await.expect("stream");
+        let sent = claude
+            .send_message(&session, &text(said))
+            .await
+            .expect("send");
+        let events = turn(&mut stream).await;
+        assert_eq!(kinds(&events), ECHO_TURN, "turn {said}");
+        assert_eq!(events[0].id(), sent);
+        assert_eq!(agent_texts(&events), [format!("echo: {said}")]);
+        drop(stream);
+    }
+    assert_eq!(stream_requests(&fake, &session), 1, "one connection");
+    assert_eq!(
+        fake.live_streams(&session),
+        1,
+        "kept open for the next turn"
+    );
+    assert_eq!(
+        list_requests(&fake, &session),
+        Vec::<String>::new(),
+        "no history request (no limit=1 lookup)"
+    );
+    // create + stream + one POST per turn
+    assert_eq!(fake.requests().len(), 5, "{:?}", fake.requests());
+}
+
+#[tokio::test]
+async fn an_unused_stream_closes_after_its_linger_time_and_the_next_turn_reopens_it() {
+    let fake = FakeClaude::start().await;
+    let claude = ClaudeProvider::new(ClaudeConfig {
+        stream_linger: Duration::from_millis(300),
+        ..config(&fake)
+    })
+    .expect("provider");
+    let session = claude.create_session(&spec()).await.expect("create");
+    let mut stream = claude.event_stream(&session, None).await.expect("stream");
+    claude
+        .send_message(&session, &text("one"))
+        .await
+        .expect("send");
+    turn(&mut stream).await;
+    drop(stream);
+    assert_eq!(fake.live_streams(&session), 1, "lingers for a while");
+    eventually("the unused stream closing", || {
+        fake.live_streams(&session) == 0
+    })
+    .await;
+
+    let mut stream = claude.event_stream(&session, None).await.expect("stream");
+    assert_eq!(fake.live_streams(&session), 1);
+    claude
+        .send_message(&session, &text("two"))
+        .await
+        .expect("send");
+    let events = turn(&mut stream).await;
+    assert_eq!(kinds(&events), ECHO_TURN);
+    assert_eq!(agent_texts(&events), ["echo: two"]);
+    assert_eq!(stream_requests(&fake, &session), 2, "reopened once");
+
+    // A stream in use does not close, however long the turn takes.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(fake.live_streams(&session), 1);
+    claude
+        .send_message(&session, &text("three"))
+        .await
+        .expect("send");
+    assert_eq!(agent_texts(&turn(&mut stream).await), ["echo: three"]);
+    assert_eq!(stream_requests(&fake, &session), 2);
+}
+
+#[tokio::test]
+async fn a_shared_stream_dropped_mid_turn_delivers_every_event_once() {
+    let fake = FakeClaude::start().await;
+    let claude = provider(&fake);
+    let session = claude.create_session(&spec()).await.expect("create");
+    let mut stream = claude.event_stream(&session, None).await.expect("stream");
+    claude
+        .send_message(&session, &text("warm up"))
+        .await
+        .expect("send");
+    turn(&mut stream).await;
+    drop(stream);
+
+    let mut stream = claude.event_stream(&session, None).await.expect("stream");
+    fake.drop_stream_after(3);
+    let sent = claude
+        .send_message(&session, &text("through a drop"))
+        .await
+        .expect("send");
+    let events = turn(&mut stream).await;
+    assert_eq!(kinds(&events), ECHO_TURN);
+    assert_eq!(events[0].id(), sent);
+    assert_eq!(agent_texts(&events), ["echo: through a drop"]);
+    assert_unique(&events);
+    quiet(&mut stream).await;
+    assert_eq!(stream_requests(&fake, &session), 2, "one reconnect");
+    let listed = list_requests(&fake, &session);
+    assert_eq!(listed.len(), 1, "one catch-up: {listed:?}");
+    assert!(!listed[0].contains("limit=1&"), "{listed:?}");
+}
+
+#[tokio::test]
+async fn a_new_stream_dropped_before_its_first_event_starts_at_the_sent_message() {
+    let fake = FakeClaude::start().await;
+    let claude = provider(&fake);
+    let session = claude.create_session(&spec()).await.expect("create");
+    // History from before this stream, which must not be replayed.
+    let other = provider(&fake);
+    let mut earlier = other.event_stream(&session, None).await.expect("stream");
+    other
+        .send_message(&session, &text("before"))
+        .await
+        .expect("send");
+    let before = turn(&mut earlier).await;
+    drop(earlier);
+
+    let mut stream = claude.event_stream(&session, None).await.expect("stream");
+    fake.drop_stream_after(0);
+    let sent = claude
+        .send_message(&session, &text("after"))
+        .await
+        .expect("send");
+    let events = turn(&mut stream).await;
+    assert_eq!(kinds(&events), ECHO_TURN);
+    assert_eq!(events[0].id(), sent);
+    assert_eq!(agent_texts(&events), ["echo: after"]);
+    let before: HashSet<String> = ids(&before).into_iter().collect();
+    assert!(events.iter().all(|event| !before.contains(event.id())));
+    quiet(&mut stream).await;
+    assert!(
+        list_requests(&fake, &session)
+            .iter()
+            .all(|query| !query.contains("limit=1&")),
+        "the sent message gave the position, no lookup"
+    );
+}
+
+#[tokio::test]
+async fn two_concurrent_readers_each_get_every_event() {
+    let fake = FakeClaude::start().await;
+    let claude = provider(&fake);
+    let session = claude.create_session(&spec()).await.expect("create");
+    let mut readers = Vec::new();
+    for _ in 0..2 {
+        let mut stream = claude.event_stream(&session, None).await.expect("stream");
+        readers.push(tokio::spawn(async move {
+            let mut events = turn(&mut stream).await;
+            events.extend(turn(&mut stream).await);
+            events
+        }));
+    }
+    claude
+        .send_message(&session, &text("first"))
+        .await
+        .expect("send");
+    claude
+        .send_message(&session, &text("second"))
+        .await
+        .expect("send");
+    let mut got = Vec::new();
+    for reader in readers {
+        got.push(reader.await.expect("reader"));
+    }
+    assert_eq!(agent_texts(&got[0]), ["echo: first", "echo: second"]);
+    assert_eq!(
+        ids(&got[0]),
+        ids(&got[1]),
+        "the same events, in the same order"
+    );
+    assert_unique(&got[0]);
+    assert_eq!(stream_requests(&fake, &session), 1, "one shared connection");
+}
+
+#[tokio::test]
+async fn a_reader_that_falls_behind_catches_up_from_the_history() {
+    let fake = FakeClaude::start().await;
+    let claude = ClaudeProvider::new(ClaudeConfig {
+        stream_replay_events: 16,
+        ..config(&fake)
+    })
+    .expect("provider");
+    let session = claude.create_session(&spec()).await.expect("create");
+    // The slow reader attaches before the stream received anything.
+    let mut slow = claude.event_stream(&session, None).await.expect("stream");
+    let mut fast = claude.event_stream(&session, None).await.expect("stream");
+    let inject = |count: usize| {
+        for n in 0..count {
+            fake.inject_event(
+                &session,
+                json!({"type": "agent.message", "content": [{"type": "text", "text": format!("n{n}")}]}),
+            );
+        }
+    };
+
+    for round in 0..2 {
+        let sent = claude
+            .send_message(&session, &text(&format!("round {round}")))
+            .await
+            .expect("send");
+        inject(40);
+        let history: Vec<String> = fake
+            .events(&session)
+            .iter()
+            .map(|event| event["id"].as_str().expect("id").to_owned())
+            .collect();
+        let start = history.iter().position(|id| *id == sent).expect("sent");
+        let expected = &history[start..];
+        assert_eq!(expected.len(), 47);
+        // Both read after far more than the 16 kept events went by (the
+        // "fast" one too, as all 40 arrive at once): each catches up from
+        // the history, and gets every event once and in order.
+        for reader in [&mut fast, &mut slow] {
+            let mut got = turn(reader).await;
+            for _ in 0..40 {
+                got.push(next(reader).await);
+            }
+            assert_eq!(ids(&got), expected, "round {round}");
+            quiet(reader).await;
+        }
+    }
+    assert_eq!(stream_requests(&fake, &session), 1);
+    let listed = list_requests(&fake, &session);
+    assert!(listed.len() >= 2, "caught up from the history: {listed:?}");
+}
+
+#[tokio::test]
+async fn resuming_after_a_recent_event_is_served_from_memory() {
+    let fake = FakeClaude::start().await;
+    let claude = provider(&fake);
+    let session = claude.create_session(&spec()).await.expect("create");
+    let mut stream = claude.event_stream(&session, None).await.expect("stream");
+    let anchor = claude
+        .send_message(&session, &text("one"))
+        .await
+        .expect("send");
+    let one = turn(&mut stream).await;
+    drop(stream);
+
+    let mut resumed = claude
+        .event_stream(&session, Some(&anchor))
+        .await
+        .expect("resume");
+    let rest = turn(&mut resumed).await;
+    assert_eq!(ids(&rest), ids(&one[1..]));
+    claude
+        .send_message(&session, &text("two"))
+        .await
+        .expect("send");
+    assert_eq!(agent_texts(&turn(&mut resumed).await), ["echo: two"]);
+    assert!(list_requests(&fake, &session).is_empty());
+    assert_eq!(stream_requests(&fake, &session), 1);
+
+    // A provider that never saw the session reads the history instead.
+    let restarted = provider(&fake);
+    let mut resumed = restarted
+        .event_stream(&session, Some(&anchor))
+        .await
+        .expect("resume");
+    assert_eq!(ids(&turn(&mut resumed).await), ids(&one[1..]));
+    assert_eq!(list_requests(&fake, &session).len(), 1);
+}
+
+#[tokio::test]
+async fn a_destroyed_session_gets_no_stale_stream() {
+    let fake = FakeClaude::start().await;
+    let claude = provider(&fake);
+    let session = claude.create_session(&spec()).await.expect("create");
+    let mut stream = claude.event_stream(&session, None).await.expect("stream");
+    claude
+        .send_message(&session, &text("one"))
+        .await
+        .expect("send");
+    turn(&mut stream).await;
+    drop(stream);
+    claude.destroy(&session).await.expect("destroy");
+    let err = claude
+        .event_stream(&session, None)
+        .await
+        .err()
+        .expect("gone");
+    assert!(matches!(err, ProviderError::SessionNotFound(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn dropping_the_provider_closes_its_streams() {
+    let fake = FakeClaude::start().await;
+    let claude = provider(&fake);
+    let session = claude.create_session(&spec()).await.expect("create");
+    let stream = claude.event_stream(&session, None).await.expect("stream");
+    drop(stream);
+    assert_eq!(fake.live_streams(&session), 1);
+    drop(claude);
+    eventually("the stream closing", || fake.live_streams(&session) == 0).await;
 }

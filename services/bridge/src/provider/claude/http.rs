@@ -84,6 +84,11 @@ impl Http {
             .connect_timeout(config.request_timeout.min(Duration::from_secs(10)))
             .tcp_nodelay(true)
             .tcp_keepalive(Some(Duration::from_secs(30)))
+            // Every concurrent session keeps its event stream on a connection
+            // of its own (HTTP/1.1) and sends its events on others: keep every
+            // idle connection, so a busy moment does not end in a burst of
+            // new connections.
+            .pool_max_idle_per_host(usize::MAX)
             .pool_idle_timeout(Some(Duration::from_secs(90)))
             .build()
             .map_err(|err| ProviderError::Rejected(format!("build http client: {err}")))?;

@@ -7,14 +7,17 @@
 //! `event: error` raised, frames without an `event:` line dropped).
 //!
 //! One [`reqwest::Client`] is shared by every session, so hundreds of
-//! concurrent event streams reuse one connection pool and one TLS config.
+//! concurrent sessions reuse one connection pool and one TLS config.
 //!
-//! The event stream is built like the SDK's session runner
-//! (`lib/tools/_beta_session_runner.py`): it opens the live stream first,
-//! then lists the history to catch up, and deduplicates the overlap by
-//! event id. When the connection drops it reconnects with backoff and
-//! catches up again from the last event it delivered, so a caller sees
-//! every event once and in order.
+//! Each session in use has one live event stream, shared by every
+//! [`Provider::event_stream`] of that session (see `stream.rs`): the turns
+//! of a conversation reuse the connection instead of opening one each, and
+//! it closes after [`ClaudeConfig::stream_linger`] without a reader. The
+//! shared stream is built like the SDK's session runner
+//! (`lib/tools/_beta_session_runner.py`): when the connection drops it
+//! reconnects with backoff, lists the history to catch up from the last
+//! event it delivered, and deduplicates the overlap by event id, so a
+//! caller sees every event once and in order.
 
 mod http;
 mod sse;
@@ -79,6 +82,15 @@ pub struct ClaudeConfig {
     /// considered dead and reconnected.
     #[serde(with = "humantime_serde")]
     pub stream_idle_timeout: Duration,
+    /// How long a session's event stream stays connected after its last
+    /// reader went away, so the next turn reuses it instead of connecting
+    /// again. Zero closes it at once.
+    #[serde(with = "humantime_serde")]
+    pub stream_linger: Duration,
+    /// Recent events kept per connected session (at least 16): a reader that
+    /// falls this far behind, or resumes after an event no longer kept,
+    /// catches up from the history instead of memory.
+    pub stream_replay_events: usize,
 }
 
 impl Default for ClaudeConfig {
@@ -96,6 +108,8 @@ impl Default for ClaudeConfig {
             reconnect_max_backoff: Duration::from_secs(5),
             reconnect_attempts: 10,
             stream_idle_timeout: Duration::from_secs(300),
+            stream_linger: Duration::from_secs(30),
+            stream_replay_events: 64,
         }
     }
 }
@@ -120,6 +134,8 @@ impl fmt::Debug for ClaudeConfig {
             .field("reconnect_max_backoff", &self.reconnect_max_backoff)
             .field("reconnect_attempts", &self.reconnect_attempts)
             .field("stream_idle_timeout", &self.stream_idle_timeout)
+            .field("stream_linger", &self.stream_linger)
+            .field("stream_replay_events", &self.stream_replay_events)
             .finish()
     }
 }
@@ -130,6 +146,9 @@ impl fmt::Debug for ClaudeConfig {
 pub struct ClaudeProvider {
     http: Arc<Http>,
     stream: stream::StreamOptions,
+    /// The sessions' shared event streams; they stop when the last clone
+    /// of the provider is dropped.
+    feeds: Arc<stream::Feeds>,
 }
 
 impl fmt::Debug for ClaudeProvider {
@@ -147,16 +166,20 @@ impl ClaudeProvider {
     /// [`ProviderError::Rejected`] when the base URL does not parse or the
     /// API key cannot be sent as a header.
     pub fn new(config: ClaudeConfig) -> Result<Self> {
-        let http = Http::new(&config)?;
+        let http = Arc::new(Http::new(&config)?);
+        let options = stream::StreamOptions {
+            deltas: config.stream_deltas,
+            idle_timeout: config.stream_idle_timeout,
+            reconnect_backoff: config.reconnect_backoff,
+            reconnect_max_backoff: config.reconnect_max_backoff.max(config.reconnect_backoff),
+            reconnect_attempts: config.reconnect_attempts.max(1),
+            linger: config.stream_linger,
+            replay_events: config.stream_replay_events.max(stream::MIN_REPLAY_EVENTS),
+        };
         Ok(ClaudeProvider {
-            http: Arc::new(http),
-            stream: stream::StreamOptions {
-                deltas: config.stream_deltas,
-                idle_timeout: config.stream_idle_timeout,
-                reconnect_backoff: config.reconnect_backoff,
-                reconnect_max_backoff: config.reconnect_max_backoff.max(config.reconnect_backoff),
-                reconnect_attempts: config.reconnect_attempts.max(1),
-            },
+            feeds: stream::Feeds::new(http.clone(), options),
+            http,
+            stream: options,
         })
     }
 
@@ -164,6 +187,7 @@ impl ClaudeProvider {
         let body = serde_json::to_vec(&wire::SendEvents { events })
             .map_err(|err| ProviderError::Protocol(format!("encode events: {err}")))?;
         let url = self.http.url(&["v1", "sessions", session_id, "events"]);
+        let sending = self.feeds.sending(session_id);
         let response = self
             .http
             .send(
@@ -175,10 +199,17 @@ impl ClaudeProvider {
             )
             .await?;
         let sent: wire::SentEvents = http::read_json(response, self.http.request_timeout()).await?;
-        sent.data
+        let id = sent
+            .data
             .and_then(|data| data.into_iter().next())
             .map(|event| event.id)
-            .ok_or_else(|| ProviderError::Protocol("send events response has no event".to_owned()))
+            .ok_or_else(|| {
+                ProviderError::Protocol("send events response has no event".to_owned())
+            })?;
+        if let Some(sending) = sending {
+            sending.sent(&id);
+        }
+        Ok(id)
     }
 }
 
@@ -223,7 +254,7 @@ impl Provider for ClaudeProvider {
     }
 
     async fn event_stream(&self, session_id: &str, after: Option<&str>) -> Result<EventStream> {
-        stream::open(self.http.clone(), self.stream, session_id, after).await
+        self.feeds.subscribe(session_id, after).await
     }
 
     async fn send_message(&self, session_id: &str, message: &UserMessage) -> Result<String> {
@@ -306,9 +337,13 @@ impl Provider for ClaudeProvider {
         {
             Ok(_) => {
                 tracing::debug!(session = %session_id, "deleted claude session");
+                self.feeds.close(session_id);
                 Ok(())
             }
-            Err(ProviderError::SessionNotFound(_)) => Ok(()),
+            Err(ProviderError::SessionNotFound(_)) => {
+                self.feeds.close(session_id);
+                Ok(())
+            }
             Err(err) => Err(err),
         }
     }
@@ -332,6 +367,8 @@ mod tests {
         assert!(config.stream_deltas);
         assert_eq!(config.base_url, "https://api.anthropic.com");
         assert_eq!(config.max_retries, 2);
+        assert_eq!(config.stream_linger, Duration::from_secs(30));
+        assert_eq!(config.stream_replay_events, 64);
         let debug = format!("{config:?}");
         assert!(!debug.contains("sk-secret"), "{debug}");
         assert!(debug.contains("<redacted>"));
