@@ -170,6 +170,24 @@ impl Delivery {
         })
     }
 
+    /// Publishes this message to `hg.dlq.<service>` with `reason`
+    /// (best effort: a failure is logged, the caller still acks or terms).
+    pub async fn dead_letter(&self, bus: &Bus, service: &str, reason: &str, attempts: u32) {
+        if let Err(e) = bus
+            .dead_letter(
+                service,
+                self.subject(),
+                self.payload().clone(),
+                self.payload_type(),
+                reason,
+                attempts,
+            )
+            .await
+        {
+            tracing::error!(service, error = %e, "cannot dead-letter a message");
+        }
+    }
+
     /// Done: the server will not deliver it again.
     pub async fn ack(&self) -> Result<()> {
         self.reply(AckKind::Ack).await

@@ -184,15 +184,16 @@ struct Pipeline {
 }
 
 impl Pipeline {
+    /// This egress's name in dead letters.
+    fn service(&self) -> String {
+        format!("egress-{}", self.platform.name())
+    }
+
     async fn reject(&self, delivery: Delivery, reason: String) {
-        let service = format!("egress-{}", self.platform.name());
-        let _ = self
-            .bus
+        delivery
             .dead_letter(
-                &service,
-                delivery.subject(),
-                delivery.payload().clone(),
-                delivery.payload_type(),
+                &self.bus,
+                &self.service(),
                 &format!("malformed outbound payload: {reason}"),
                 delivery.deliveries(),
             )
@@ -324,14 +325,10 @@ impl Pipeline {
         error: &str,
         attempts: u32,
     ) {
-        let service = format!("egress-{}", self.platform.name());
-        let _ = self
-            .bus
+        delivery
             .dead_letter(
-                &service,
-                delivery.subject(),
-                delivery.payload().clone(),
-                delivery.payload_type(),
+                &self.bus,
+                &self.service(),
                 &format!("delivery failed after {attempts} attempts: {error}"),
                 attempts,
             )

@@ -69,13 +69,10 @@ enum Outcome {
 
 impl Bridge {
     pub(crate) async fn reject_malformed(&self, delivery: Delivery, error: BusError) {
-        let _ = self
-            .bus
+        delivery
             .dead_letter(
+                &self.bus,
                 "bridge",
-                delivery.subject(),
-                delivery.payload().clone(),
-                delivery.payload_type(),
                 &format!("malformed inbound payload: {error}"),
                 delivery.deliveries(),
             )
@@ -162,13 +159,10 @@ impl Bridge {
         let attempt = delivery.deliveries();
         if attempt >= self.config.max_attempts {
             tracing::error!(attempt, reason, "giving up on inbound message");
-            let _ = self
-                .bus
+            delivery
                 .dead_letter(
+                    &self.bus,
                     "bridge",
-                    delivery.subject(),
-                    delivery.payload().clone(),
-                    delivery.payload_type(),
                     &format!("runtime unavailable after {attempt} attempts: {reason}"),
                     attempt,
                 )

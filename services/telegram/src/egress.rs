@@ -378,42 +378,33 @@ impl TelegramPlatform {
             });
             let reply = reply_to
                 .map(|id| ReplyParameters::new(MessageId(id)).allow_sending_without_reply());
+            // sendPhoto and sendDocument take the same options but are
+            // different request types.
+            macro_rules! with_options {
+                ($request:expr) => {{
+                    let mut request = $request;
+                    if let Some(caption) = caption {
+                        request = request.caption(caption);
+                        if formatted {
+                            request = request.parse_mode(ParseMode::Html);
+                        }
+                    }
+                    if let Some(thread) = thread {
+                        request = request.message_thread_id(ThreadId(MessageId(thread)));
+                    }
+                    if let Some(reply) = reply {
+                        request = request.reply_parameters(reply);
+                    }
+                    if let Some(keyboard) = &keyboard {
+                        request = request.reply_markup(keyboard.clone());
+                    }
+                    request.await
+                }};
+            }
             let sent = if photo {
-                let mut request = t.client.bot.send_photo(ChatId(t.chat), file);
-                if let Some(caption) = caption {
-                    request = request.caption(caption);
-                    if formatted {
-                        request = request.parse_mode(ParseMode::Html);
-                    }
-                }
-                if let Some(thread) = thread {
-                    request = request.message_thread_id(ThreadId(MessageId(thread)));
-                }
-                if let Some(reply) = reply {
-                    request = request.reply_parameters(reply);
-                }
-                if let Some(keyboard) = &keyboard {
-                    request = request.reply_markup(keyboard.clone());
-                }
-                request.await
+                with_options!(t.client.bot.send_photo(ChatId(t.chat), file))
             } else {
-                let mut request = t.client.bot.send_document(ChatId(t.chat), file);
-                if let Some(caption) = caption {
-                    request = request.caption(caption);
-                    if formatted {
-                        request = request.parse_mode(ParseMode::Html);
-                    }
-                }
-                if let Some(thread) = thread {
-                    request = request.message_thread_id(ThreadId(MessageId(thread)));
-                }
-                if let Some(reply) = reply {
-                    request = request.reply_parameters(reply);
-                }
-                if let Some(keyboard) = &keyboard {
-                    request = request.reply_markup(keyboard.clone());
-                }
-                request.await
+                with_options!(t.client.bot.send_document(ChatId(t.chat), file))
             };
             match sent {
                 Ok(sent) => return Ok(sent.id.0),

@@ -193,31 +193,16 @@ impl Hub {
     }
 
     async fn follow_deliveries(&self, bus: &Bus, after: &mut Option<u64>) -> Result<(), BusError> {
-        let consumer_error = |e: &dyn std::fmt::Display| BusError::Consumer {
-            consumer: "web delivery follower".into(),
-            reason: e.to_string(),
-        };
-        let stream = bus
-            .jetstream()
-            .get_stream(DELIVERY_STREAM)
-            .await
-            .map_err(|e| consumer_error(&e))?;
+        const NAME: &str = "web delivery follower";
+        let consumer_error = |e: &dyn std::fmt::Display| consumer_error(NAME, e);
         let deliver_policy = match after {
             Some(seq) => DeliverPolicy::ByStartSequence {
                 start_sequence: *seq + 1,
             },
             None => DeliverPolicy::New,
         };
-        let consumer = stream
-            .create_consumer(pull::OrderedConfig {
-                filter_subject: "hgweb.deliver.>".into(),
-                deliver_policy,
-                replay_policy: ReplayPolicy::Instant,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| consumer_error(&e))?;
-        let mut messages = consumer.messages().await.map_err(|e| consumer_error(&e))?;
+        let stream = delivery_stream(bus, NAME).await?;
+        let mut messages = ordered(&stream, "hgweb.deliver.>".into(), deliver_policy, NAME).await?;
         while let Some(message) = messages.next().await {
             let message = message.map_err(|e| consumer_error(&e))?;
             let seq = message
@@ -247,15 +232,9 @@ pub async fn replay(
     user: &str,
     after: u64,
 ) -> Result<Vec<WebEvent>, BusError> {
-    let consumer_error = |e: &dyn std::fmt::Display| BusError::Consumer {
-        consumer: "web replay".into(),
-        reason: e.to_string(),
-    };
-    let stream = bus
-        .jetstream()
-        .get_stream(DELIVERY_STREAM)
-        .await
-        .map_err(|e| consumer_error(&e))?;
+    const NAME: &str = "web replay";
+    let consumer_error = |e: &dyn std::fmt::Display| consumer_error(NAME, e);
+    let stream = delivery_stream(bus, NAME).await?;
     let subject = delivery_subject(app, user);
     // Most connections missed nothing: check the user's newest part first
     // rather than waiting on an empty consumer.
@@ -263,19 +242,11 @@ pub async fn replay(
         Ok(last) if last.sequence > after => {}
         _ => return Ok(Vec::new()),
     }
-    let consumer = stream
-        .create_consumer(pull::OrderedConfig {
-            filter_subject: subject,
-            deliver_policy: DeliverPolicy::ByStartSequence {
-                start_sequence: after + 1,
-            },
-            replay_policy: ReplayPolicy::Instant,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| consumer_error(&e))?;
+    let policy = DeliverPolicy::ByStartSequence {
+        start_sequence: after + 1,
+    };
+    let mut messages = ordered(&stream, subject, policy, NAME).await?;
     let mut events = Vec::new();
-    let mut messages = consumer.messages().await.map_err(|e| consumer_error(&e))?;
     loop {
         let next = tokio::time::timeout(Duration::from_millis(500), messages.next()).await;
         let Ok(Some(message)) = next else { break };
@@ -291,6 +262,41 @@ pub async fn replay(
         }
     }
     Ok(events)
+}
+
+fn consumer_error(consumer: &str, e: &dyn std::fmt::Display) -> BusError {
+    BusError::Consumer {
+        consumer: consumer.to_owned(),
+        reason: e.to_string(),
+    }
+}
+
+async fn delivery_stream(bus: &Bus, name: &str) -> Result<stream::Stream, BusError> {
+    bus.jetstream()
+        .get_stream(DELIVERY_STREAM)
+        .await
+        .map_err(|e| consumer_error(name, &e))
+}
+
+/// An ordered consumer's messages on `filter` from `policy`.
+async fn ordered(
+    stream: &stream::Stream,
+    filter: String,
+    policy: DeliverPolicy,
+    name: &str,
+) -> Result<pull::Ordered, BusError> {
+    stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: filter,
+            deliver_policy: policy,
+            replay_policy: ReplayPolicy::Instant,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| consumer_error(name, &e))?
+        .messages()
+        .await
+        .map_err(|e| consumer_error(name, &e))
 }
 
 fn hub_key(app: &str, user: &str) -> String {
