@@ -14,10 +14,15 @@ use std::time::{Duration, Instant};
 
 use hg_bus::BusError;
 use hg_bus::lease::{Claim, Lease};
+
+use crate::session::SessionRecord;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 struct Held {
+    /// The conversation's session record while we hold it: no other replica
+    /// can change it meanwhile, so it need not be read from KV each time.
+    record: Option<SessionRecord>,
     revision: u64,
     refreshed: Instant,
     /// Bumped on every use, so a pending release knows it is stale.
@@ -72,6 +77,7 @@ impl Ownership {
         match &claim {
             Ok(Claim::Ours(revision)) => {
                 let h = held.entry(key.to_owned()).or_insert(Held {
+                    record: None,
                     revision: *revision,
                     refreshed: Instant::now(),
                     generation: 0,
@@ -84,6 +90,20 @@ impl Ownership {
             }
         }
         claim
+    }
+
+    /// The cached session record of a conversation we hold.
+    pub(crate) fn cached_record(&self, key: &str) -> Option<SessionRecord> {
+        let held = self.held.lock().expect("held lock");
+        held.get(key).and_then(|h| h.record.clone())
+    }
+
+    /// Remembers (or forgets, with `None`) the session record of a
+    /// conversation we hold.
+    pub(crate) fn cache_record(&self, key: &str, record: Option<SessionRecord>) {
+        if let Some(h) = self.held.lock().expect("held lock").get_mut(key) {
+            h.record = record;
+        }
     }
 
     /// How often to refresh while working on a conversation.

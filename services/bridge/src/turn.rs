@@ -206,7 +206,7 @@ impl Bridge {
             .await;
             return Outcome::Done;
         };
-        let record = match self.sessions.get(key).await {
+        let record = match self.load_record(key).await {
             Ok(record) => record,
             Err(e) => {
                 return Outcome::Retry {
@@ -246,6 +246,7 @@ impl Bridge {
                 // The runtime forgot the session: start a fresh one, once.
                 tracing::warn!("runtime session gone, starting a new one");
                 let _ = self.sessions.remove(key).await;
+                self.ownership.cache_record(&subject::token(key), None);
                 let mut record = match self.new_session(key, &route, provider.as_ref()).await {
                     Ok(record) => record,
                     Err(e) => return self.turn_failed(message, e).await,
@@ -317,11 +318,32 @@ impl Bridge {
             turns: 0,
             last_turn: None,
         };
-        self.sessions
-            .put(key, &record)
-            .await
-            .map_err(TurnError::Bus)?;
+        self.store_record(key, &record).await?;
         Ok(record)
+    }
+
+    /// The session record of `key`: from memory while this replica holds
+    /// the conversation, else from KV.
+    async fn load_record(&self, key: &str) -> Result<Option<SessionRecord>, BusError> {
+        let lease_key = subject::token(key);
+        if let Some(record) = self.ownership.cached_record(&lease_key) {
+            return Ok(Some(record));
+        }
+        let record = self.sessions.get(key).await?;
+        self.ownership.cache_record(&lease_key, record.clone());
+        Ok(record)
+    }
+
+    async fn store_record(&self, key: &str, record: &SessionRecord) -> Result<(), TurnError> {
+        let lease_key = subject::token(key);
+        if let Err(e) = self.sessions.put(key, record).await {
+            // Unknown state in KV: read it again next time.
+            self.ownership.cache_record(&lease_key, None);
+            return Err(TurnError::Bus(e));
+        }
+        self.ownership
+            .cache_record(&lease_key, Some(record.clone()));
+        Ok(())
     }
 
     async fn run_turn(
@@ -362,10 +384,7 @@ impl Bridge {
                 };
                 record.turns += 1;
                 record.last_turn = Some(turn.clone());
-                self.sessions
-                    .put(key, record)
-                    .await
-                    .map_err(TurnError::Bus)?;
+                self.store_record(key, record).await?;
                 (turn, events)
             }
         };
