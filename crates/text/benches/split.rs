@@ -1,5 +1,6 @@
 //! Times `split_markdown` on a generated reply of about 100 KB for every
-//! platform limit, printing the mean time of one split.
+//! platform limit, printing the mean time of one split, and the Telegram
+//! egress's Markdown → HTML render + split.
 //!
 //! Run with `cargo bench -p hg-text`.
 
@@ -80,4 +81,16 @@ fn main() {
         let mean = started.elapsed().as_secs_f64() * 1e6 / f64::from(ITERATIONS);
         println!("{name:>9}: {mean:>8.1} µs per split, {parts} parts");
     }
+    // What the Telegram egress does per reply: render Telegram HTML and
+    // split it entity-safely within 4096 UTF-16 units.
+    let parts = hg_text::telegram::split_html(&doc, Limit::TELEGRAM).len();
+    let started = Instant::now();
+    for _ in 0..ITERATIONS {
+        black_box(hg_text::telegram::split_html(
+            black_box(&doc),
+            Limit::TELEGRAM,
+        ));
+    }
+    let mean = started.elapsed().as_secs_f64() * 1e6 / f64::from(ITERATIONS);
+    println!("tg-html: {mean:>8.1} µs per render+split, {parts} parts");
 }
