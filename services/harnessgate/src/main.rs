@@ -7,11 +7,15 @@
 //! harnessgate config check        validate and print the effective config, secrets redacted
 //! ```
 
-/// mimalloc: the message path allocates many small short-lived buffers,
-/// where glibc malloc showed up as ~14% of the stack's CPU under load.
+// The message path allocates many small short-lived buffers; glibc malloc
+// showed up as ~25 % of the stack's CPU under load (docs/benchmarks.md).
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 mod app;
 mod config;
