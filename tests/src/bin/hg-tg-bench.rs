@@ -12,25 +12,13 @@
 use std::time::{Duration, Instant};
 
 use hg_bus::{Bus, BusConfig};
+use hg_e2e::cpu_seconds;
 use hg_egress::EgressConfig;
 use hg_proto::{OutboundKind, OutboundMessage, subject};
 use hg_telegram::{BotConfig, RateConfig, TelegramConfig};
 use hg_testkit::fake_telegram::FakeTelegram;
 use hg_testkit::nats::NatsServer;
 use tokio_util::sync::CancellationToken;
-
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
-}
 
 #[tokio::main]
 async fn main() {
@@ -73,7 +61,7 @@ async fn main() {
     };
     let text = "**Result** of the run: `ok`, see [the report](https://example.com/r). ".repeat(8);
     let out_subject = subject::outbound("telegram", &bot_id.to_string());
-    let cpu_before = cpu_seconds();
+    let cpu_before = cpu_seconds("self");
     let started = Instant::now();
     for i in 0..messages {
         let message = OutboundMessage {
@@ -95,7 +83,7 @@ async fn main() {
         .map(|s| s.len())
         .unwrap_or_else(|| fake.sent().len());
     let elapsed = started.elapsed();
-    let cpu = cpu_seconds() - cpu_before;
+    let cpu = cpu_seconds("self") - cpu_before;
     println!(
         "{delivered} parts to {chats} chats in {:.2} s: {:.0} parts/s, {:.0} µs CPU per part (egress + fake + publisher)",
         elapsed.as_secs_f64(),
