@@ -306,6 +306,7 @@ impl Bridge {
             metadata: [("harnessgate_session".to_owned(), truncate(key, 512))]
                 .into_iter()
                 .collect(),
+            cwd: None,
         };
         let runtime_session_id = provider.create_session(&spec).await?;
         tracing::info!(runtime = %route.runtime, runtime_session = %runtime_session_id, "runtime session created");
@@ -666,7 +667,9 @@ impl Bridge {
                 message: message.clone(),
                 retry_status: retry_status.clone().unwrap_or_default(),
             }),
-            RuntimeEvent::AgentMessageDelta { .. } | RuntimeEvent::Other { .. } => return,
+            RuntimeEvent::AgentMessageDelta { .. }
+            | RuntimeEvent::PermissionRequest { .. }
+            | RuntimeEvent::Other { .. } => return,
         };
         let out = AgentEvent {
             id: event.id().to_owned(),

@@ -39,6 +39,7 @@ fn spec() -> SessionSpec {
         environment_id: "env_1".to_owned(),
         title: "test chat".to_owned(),
         metadata: [("chat".to_owned(), "42".to_owned())].into(),
+        cwd: None,
     }
 }
 
@@ -109,6 +110,7 @@ fn kinds(events: &[RuntimeEvent]) -> Vec<String> {
             RuntimeEvent::ToolUse { .. } => "tool_use".to_owned(),
             RuntimeEvent::ToolResult { .. } => "tool_result".to_owned(),
             RuntimeEvent::CustomToolUse { .. } => "custom_tool_use".to_owned(),
+            RuntimeEvent::PermissionRequest { .. } => "permission".to_owned(),
             RuntimeEvent::Status { state, .. } => format!("status:{state:?}"),
             RuntimeEvent::Usage { .. } => "usage".to_owned(),
             RuntimeEvent::Error { .. } => "error".to_owned(),

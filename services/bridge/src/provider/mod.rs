@@ -29,6 +29,9 @@ pub struct SessionSpec {
     pub title: String,
     /// Small key/value pairs stored with the session (≤ 16 for Claude).
     pub metadata: BTreeMap<String, String>,
+    /// Working directory of the session, for runtimes that run on this
+    /// machine (ACP); `None` = the runtime's configured default.
+    pub cwd: Option<String>,
 }
 
 /// A file sent along with a user message.
@@ -50,7 +53,42 @@ pub struct UserMessage {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ToolDecision {
     Allow,
-    Deny { message: Option<String> },
+    Deny {
+        message: Option<String>,
+    },
+    /// One of the options the runtime offered with the request
+    /// ([`RuntimeEvent::PermissionRequest`]).
+    Option {
+        option_id: String,
+    },
+    /// The request was cancelled (`/stop`, the turn was interrupted).
+    Cancelled,
+}
+
+/// What choosing a permission option means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PermissionKind {
+    AllowOnce,
+    AllowAlways,
+    RejectOnce,
+    RejectAlways,
+}
+
+/// A choice a runtime offers with a permission request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PermissionOption {
+    pub id: String,
+    pub label: String,
+    pub kind: PermissionKind,
+}
+
+/// A runtime session as listed by [`Provider::list_sessions`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub id: String,
+    pub title: String,
+    /// Creation time, milliseconds since the epoch (0 = unknown).
+    pub created_ms: i64,
 }
 
 /// Output of a custom tool the agent asked the bridge to run.
@@ -71,6 +109,10 @@ pub struct Capabilities {
     pub custom_tools: bool,
     /// A running turn can be interrupted.
     pub interrupt: bool,
+    /// Sessions run in a working directory chosen per session (`/new <dir>`).
+    pub working_directory: bool,
+    /// Existing sessions can be listed and attached to (`/list`, `/attach`).
+    pub list_sessions: bool,
 }
 
 /// Session state as the runtime reports it.
@@ -106,6 +148,8 @@ pub struct TokenUsage {
     pub output_tokens: u64,
     pub cache_read_input_tokens: u64,
     pub cache_creation_input_tokens: u64,
+    /// Cost in millionths of a US dollar, when the runtime reports it.
+    pub cost_micro_usd: Option<u64>,
 }
 
 /// One event from the runtime, normalized. `id` is the runtime's event id
@@ -148,6 +192,19 @@ pub enum RuntimeEvent {
         name: String,
         input: serde_json::Value,
     },
+    /// The agent asks before running a tool and offers these options (ACP
+    /// `session/request_permission`). Answer with [`Provider::confirm_tool`]
+    /// using this event's `id`; the runtime then reports
+    /// `Status { Idle, RequiresAction { event_ids: [id] } }` like a Claude
+    /// "ask" tool use.
+    PermissionRequest {
+        id: String,
+        tool_call_id: String,
+        /// Tool name or the agent's title for the call.
+        title: String,
+        input: serde_json::Value,
+        options: Vec<PermissionOption>,
+    },
     Status {
         id: String,
         state: SessionState,
@@ -182,6 +239,7 @@ impl RuntimeEvent {
             | RuntimeEvent::ToolUse { id, .. }
             | RuntimeEvent::ToolResult { id, .. }
             | RuntimeEvent::CustomToolUse { id, .. }
+            | RuntimeEvent::PermissionRequest { id, .. }
             | RuntimeEvent::Status { id, .. }
             | RuntimeEvent::Usage { id, .. }
             | RuntimeEvent::Error { id, .. }
@@ -289,4 +347,22 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Ends the runtime session. Unknown sessions are not an error.
     async fn destroy(&self, session_id: &str) -> Result<()>;
+
+    /// The runtime's existing sessions, newest first: `limit` of them after
+    /// skipping `offset`.
+    async fn list_sessions(&self, offset: usize, limit: usize) -> Result<Vec<SessionInfo>> {
+        let _ = (offset, limit);
+        Err(ProviderError::Unsupported("listing sessions"))
+    }
+
+    /// The last `limit` agent and user messages of a session, oldest first,
+    /// as (role, text) with role "user" or "agent".
+    async fn recent_messages(
+        &self,
+        session_id: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>> {
+        let _ = (session_id, limit);
+        Err(ProviderError::Unsupported("reading session history"))
+    }
 }

@@ -225,6 +225,7 @@ impl Provider for ClaudeProvider {
             tool_confirmation: true,
             custom_tools: true,
             interrupt: true,
+            ..Capabilities::default()
         }
     }
 
@@ -282,6 +283,12 @@ impl Provider for ClaudeProvider {
         let (result, deny_message) = match &decision {
             ToolDecision::Allow => ("allow", None),
             ToolDecision::Deny { message } => ("deny", message.as_deref()),
+            ToolDecision::Cancelled => ("deny", Some("cancelled by the user")),
+            ToolDecision::Option { .. } => {
+                return Err(ProviderError::Unsupported(
+                    "permission options (Claude takes allow or deny)",
+                ));
+            }
         };
         self.send_events(
             session_id,

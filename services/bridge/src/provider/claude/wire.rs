@@ -427,6 +427,7 @@ pub(super) fn decode(json: &[u8]) -> Decoded {
                     output_tokens: wire.model_usage.output_tokens,
                     cache_read_input_tokens: wire.model_usage.cache_read_input_tokens,
                     cache_creation_input_tokens: wire.model_usage.cache_creation_input_tokens,
+                    cost_micro_usd: None,
                 },
             })
         }
@@ -696,7 +697,8 @@ mod tests {
                     input_tokens: 3,
                     output_tokens: 4,
                     cache_read_input_tokens: 1,
-                    cache_creation_input_tokens: 2
+                    cache_creation_input_tokens: 2,
+                    cost_micro_usd: None,
                 }
             }
         );
