@@ -96,6 +96,29 @@ impl Stack {
         Component { stop, handle }
     }
 
+    /// A bridge replica whose clock the test moves.
+    pub async fn bridge_with_clock(
+        &self,
+        mut config: BridgeConfig,
+        providers: Providers,
+        clock: hg_bridge::clock::ManualClock,
+    ) -> Component {
+        let bus = self.connect().await;
+        if config.default_route.is_none() {
+            config.default_route = Some(echo_route());
+        }
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let handle = tokio::spawn(async move {
+            if let Err(e) =
+                hg_bridge::run_with_clock(config, bus, providers, Arc::new(clock), token).await
+            {
+                panic!("bridge failed: {e}");
+            }
+        });
+        Component { stop, handle }
+    }
+
     /// A bridge replica on the echo runtime with test-friendly retry timing.
     pub async fn echo_bridge(&self) -> Component {
         self.bridge(fast_bridge_config(), echo_providers()).await
@@ -157,8 +180,7 @@ pub fn providers_with(provider: Arc<dyn Provider>) -> Providers {
 pub fn echo_route() -> Route {
     Route {
         runtime: "echo".into(),
-        agent_id: String::new(),
-        environment_id: String::new(),
+        ..Route::default()
     }
 }
 
@@ -219,6 +241,21 @@ impl WebUser {
             res.status(),
             202,
             "send: {}",
+            res.text().await.unwrap_or_default()
+        );
+    }
+
+    /// Presses a button of a received event (sends its label as text).
+    pub async fn press(&self, button: &hg_web::hub::WebButton) {
+        let body = serde_json::json!({
+            "text": button.label,
+            "action": {"action_id": button.action_id, "value": button.value},
+        });
+        let res = self.post_message(&body).await;
+        assert_eq!(
+            res.status(),
+            202,
+            "press: {}",
             res.text().await.unwrap_or_default()
         );
     }

@@ -5,10 +5,15 @@
 //! one conversation are processed in order: within a replica by a worker
 //! per conversation, across replicas by a lease per conversation in KV.
 
+pub mod access;
+pub mod approvals;
+pub mod clock;
+pub mod commands;
 mod ownership;
 pub mod provider;
 pub mod routing;
 pub mod session;
+mod supervise;
 mod turn;
 
 use std::collections::HashMap;
@@ -24,6 +29,10 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::access::{PairingConfig, PairingStore};
+use crate::approvals::{ApprovalStore, ApprovalsConfig, GrantStore};
+use crate::clock::{SharedClock, SystemClock};
+use crate::commands::CustomCommand;
 use crate::provider::Provider;
 use crate::routing::{ResolverConfig, Route, RouteRule, Router};
 use crate::session::SessionStore;
@@ -74,6 +83,19 @@ pub struct BridgeConfig {
     /// Timeout of a custom tool call on `hg.tool.<name>`.
     #[serde(with = "humantime_serde")]
     pub tool_timeout: Duration,
+    /// Tool-permission requests, grants and their timing.
+    pub approvals: ApprovalsConfig,
+    /// Custom chat commands answered on `hg.command.<name>`.
+    pub commands: Vec<CustomCommand>,
+    /// Timeout of a custom command.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Pairing codes for `access = "pairing"` routes.
+    pub pairing: PairingConfig,
+    /// Repeated runtime errors in one conversation within this window
+    /// produce one message.
+    #[serde(with = "humantime_serde")]
+    pub error_debounce: Duration,
 }
 
 impl Default for BridgeConfig {
@@ -91,6 +113,11 @@ impl Default for BridgeConfig {
             max_in_flight: 10_000,
             typing_delay: Duration::from_millis(300),
             tool_timeout: Duration::from_secs(30),
+            approvals: ApprovalsConfig::default(),
+            commands: Vec::new(),
+            command_timeout: Duration::from_secs(10),
+            pairing: PairingConfig::default(),
+            error_debounce: Duration::from_secs(60),
         }
     }
 }
@@ -134,6 +161,17 @@ pub async fn run(
     config: BridgeConfig,
     bus: Bus,
     providers: Providers,
+    shutdown: CancellationToken,
+) -> Result<(), BridgeError> {
+    run_with_clock(config, bus, providers, Arc::new(SystemClock), shutdown).await
+}
+
+/// [`run`] with an injected clock (tests move time instead of sleeping).
+pub async fn run_with_clock(
+    config: BridgeConfig,
+    bus: Bus,
+    providers: Providers,
+    clock: SharedClock,
     shutdown: CancellationToken,
 ) -> Result<(), BridgeError> {
     let runtimes = config
@@ -201,6 +239,12 @@ pub async fn run(
             shutdown.clone(),
         )),
         router,
+        clock,
+        approvals: ApprovalStore::open(&bus).await?,
+        grants: GrantStore::open(&bus).await?,
+        pairing: PairingStore::open(&bus).await?,
+        running: Default::default(),
+        error_notices: Default::default(),
     });
     let workers_stop = CancellationToken::new();
     let work = Arc::clone(&bridge);
@@ -216,9 +260,33 @@ pub async fn run(
         let (workers, bridge, tracker) =
             (Arc::clone(&workers), Arc::clone(&bridge), tracker.clone());
         move |delivery: Delivery| match hg_bus::decode::<InboundMessage>(delivery.payload()) {
-            Ok(message) => {
+            Ok(mut message) => {
                 let key = session::session_key(&message);
-                workers.dispatch(&key, delivery.stream_sequence(), (delivery, message));
+                match commands::parse(&message.text, &bridge.config.commands) {
+                    // Read-only commands do not wait behind a running turn.
+                    Some(Ok(command)) if commands::is_immediate(&command) => {
+                        let bridge = Arc::clone(&bridge);
+                        tracker.spawn(async move {
+                            bridge
+                                .handle_immediate(key, delivery, message, command)
+                                .await
+                        });
+                    }
+                    // `/stop` interrupts the running turn now, then takes its
+                    // place in line to cancel pending approvals and answer.
+                    Some(Ok(commands::Command::Stop)) => {
+                        let (bridge, workers) = (Arc::clone(&bridge), Arc::clone(&workers));
+                        tracker.spawn(async move {
+                            if bridge.stop_running(&key).await {
+                                message
+                                    .metadata
+                                    .insert(supervise::META_INTERRUPTED.into(), "1".into());
+                            }
+                            workers.dispatch(&key, delivery.stream_sequence(), (delivery, message));
+                        });
+                    }
+                    _ => workers.dispatch(&key, delivery.stream_sequence(), (delivery, message)),
+                }
             }
             Err(e) => {
                 let bridge = Arc::clone(&bridge);
@@ -247,6 +315,42 @@ pub async fn run(
                 let Some(request) = request else { return };
                 if let Some(delivery) = Delivery::from_forwarded(&bus, request).await {
                     dispatch(delivery);
+                }
+            }
+        });
+    }
+    // The replica running a conversation's turn answers "status" and
+    // "stop" for it.
+    let mut control = bus
+        .client()
+        .subscribe("hg.bridge.turn.>")
+        .await
+        .map_err(|e| BusError::Consumer {
+            consumer: "bridge turn control".into(),
+            reason: e.to_string(),
+        })?;
+    {
+        let (bridge, stop) = (Arc::clone(&bridge), shutdown.clone());
+        tracker.spawn(async move {
+            loop {
+                let request = tokio::select! {
+                    () = stop.cancelled() => return,
+                    request = futures::StreamExt::next(&mut control) => request,
+                };
+                let Some(request) = request else { return };
+                bridge.turn_control(request).await;
+            }
+        });
+    }
+    // Timed-out approvals become messages in their conversation.
+    {
+        let (bridge, stop) = (Arc::clone(&bridge), shutdown.clone());
+        tracker.spawn(async move {
+            let mut every = tokio::time::interval(bridge.config.approvals.sweep_interval);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = every.tick() => bridge.sweep_approvals().await,
                 }
             }
         });

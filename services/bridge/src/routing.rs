@@ -7,16 +7,28 @@ use hg_bus::{Bus, BusError, RequestFailure};
 use hg_proto::{ChatType, InboundMessage, ResolveRequest, ResolveResponse};
 use serde::{Deserialize, Serialize};
 
-/// Where a conversation goes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+use crate::access::AccessMode;
+
+/// Where a conversation goes, and who may use and supervise it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
-    /// Runtime name: "claude" or "echo".
+    /// Runtime name: "claude", "echo" or a configured ACP agent.
     pub runtime: String,
     #[serde(default)]
     pub agent_id: String,
     #[serde(default)]
     pub environment_id: String,
+    /// Platform user ids who may answer tool-permission requests; empty =
+    /// the person whose message started the turn (anyone in a direct chat).
+    #[serde(default)]
+    pub approvers: Vec<String>,
+    /// Who may talk to the agent.
+    #[serde(default)]
+    pub access: AccessMode,
+    /// Platform user ids let in by `access = "allowlist"` or `"pairing"`.
+    #[serde(default)]
+    pub allowlist: Vec<String>,
 }
 
 /// The chat types a rule can match, as written in config.
@@ -58,6 +70,12 @@ pub struct RouteRule {
     pub reject: bool,
     /// Told to a rejected user; empty = no answer.
     pub reject_message: String,
+    /// See [`Route::approvers`].
+    pub approvers: Vec<String>,
+    /// See [`Route::access`].
+    pub access: AccessMode,
+    /// See [`Route::allowlist`].
+    pub allowlist: Vec<String>,
 }
 
 impl RouteRule {
@@ -154,6 +172,9 @@ impl Router {
                     runtime: rule.runtime.clone().unwrap_or_default(),
                     agent_id: rule.agent_id.clone(),
                     environment_id: rule.environment_id.clone(),
+                    approvers: rule.approvers.clone(),
+                    access: rule.access,
+                    allowlist: rule.allowlist.clone(),
                 })
             };
         }
@@ -222,6 +243,7 @@ impl Router {
             runtime: reply.runtime,
             agent_id: reply.agent_id,
             environment_id: reply.environment_id,
+            ..Route::default()
         }))
     }
 }

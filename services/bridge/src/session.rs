@@ -37,6 +37,34 @@ pub struct TurnRecord {
     pub turn_id: String,
     /// Runtime id of the user event; every event of the turn follows it.
     pub anchor_event_id: String,
+    /// Runtime requests (tool confirmations) already answered in this turn;
+    /// re-announced ones are skipped.
+    #[serde(default)]
+    pub handled: Vec<String>,
+}
+
+/// A turn paused until people answer tool-permission requests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Waiting {
+    pub turn_id: String,
+    /// Runtime id of the event that asked (the turn continues after it).
+    pub anchor_event_id: String,
+    /// Approval ids still undecided, oldest first.
+    pub approvals: Vec<String>,
+    /// Runtime requests answered so far in this turn.
+    pub handled: Vec<String>,
+}
+
+/// Tokens and cost a session used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageTotals {
+    pub model_requests: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_read_input_tokens: u64,
+    pub cache_creation_input_tokens: u64,
+    /// Millionths of a US dollar, when the runtime reports cost.
+    pub cost_micro_usd: Option<u64>,
 }
 
 /// What the bridge remembers about a conversation.
@@ -51,6 +79,14 @@ pub struct SessionRecord {
     /// The latest turn; kept after it ends so a redelivered inbound resumes
     /// (and is deduplicated) instead of being sent to the runtime again.
     pub last_turn: Option<TurnRecord>,
+    /// Working directory (runtimes that run locally).
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Set while the latest turn waits for approvals.
+    #[serde(default)]
+    pub waiting: Option<Waiting>,
+    #[serde(default)]
+    pub usage: UsageTotals,
 }
 
 /// Session records in KV.

@@ -17,14 +17,24 @@ use hg_proto::{
 };
 use tracing::Instrument;
 
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use tokio_util::sync::CancellationToken;
+
 use crate::BridgeConfig;
 use crate::Providers;
+use crate::access::PairingStore;
+use crate::approvals::{ACTION_TIMEOUT, ApprovalStore, Grant, GrantStore, StoredOption};
+use crate::clock::SharedClock;
+use crate::commands;
 use crate::provider::{
     Provider, ProviderError, RuntimeEvent, SessionSpec, SessionState, StopReason, ToolDecision,
     ToolOutput, UserFile, UserMessage,
 };
 use crate::routing::{Decision, Route, Router};
-use crate::session::{SessionRecord, SessionStore, TurnRecord};
+use crate::session::{SessionRecord, SessionStore, TurnRecord, UsageTotals};
+use crate::supervise::Ask;
 
 /// Object store bucket where ingress services keep inbound files.
 const FILES_BUCKET: &str = "hg_files";
@@ -47,6 +57,9 @@ pub(crate) fn forward_subject(replica: &str) -> String {
 /// messages forwarded by replicas that lost the race for it.
 const CLAIM_SETTLE: Duration = Duration::from_millis(15);
 
+/// How long a turn may take to end after `/stop` interrupted it.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
 pub(crate) struct Bridge {
     pub bus: Bus,
     pub replica: String,
@@ -55,10 +68,40 @@ pub(crate) struct Bridge {
     pub sessions: SessionStore,
     pub ownership: Arc<Ownership>,
     pub router: Router,
+    pub clock: SharedClock,
+    pub approvals: ApprovalStore,
+    pub grants: GrantStore,
+    pub pairing: PairingStore,
+    /// Turns running on this replica, by conversation key token.
+    pub running: Mutex<HashMap<String, RunningTurn>>,
+    /// When each conversation was last told about an error.
+    pub error_notices: Mutex<HashMap<String, i64>>,
+}
+
+/// A turn running on this replica.
+pub(crate) struct RunningTurn {
+    pub started_ms: i64,
+    pub stop: CancellationToken,
+}
+
+/// Removes a running turn from the registry when the turn ends.
+struct RunningGuard<'a> {
+    bridge: &'a Bridge,
+    key: String,
+}
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        self.bridge
+            .running
+            .lock()
+            .expect("running turns lock")
+            .remove(&self.key);
+    }
 }
 
 /// How handling an inbound message ended, which decides the ack.
-enum Outcome {
+pub(crate) enum Outcome {
     /// Done (answered, rejected, or given up with the user told).
     Done,
     /// Try again later.
@@ -155,7 +198,12 @@ impl Bridge {
         .await
     }
 
-    async fn retry_or_give_up(&self, delivery: &Delivery, message: &InboundMessage, reason: &str) {
+    pub(crate) async fn retry_or_give_up(
+        &self,
+        delivery: &Delivery,
+        message: &InboundMessage,
+        reason: &str,
+    ) {
         let attempt = delivery.deliveries();
         if attempt >= self.config.max_attempts {
             tracing::error!(attempt, reason, "giving up on inbound message");
@@ -171,7 +219,7 @@ impl Bridge {
             let _ = delivery.term().await;
             return;
         }
-        if attempt == 1 {
+        if attempt == 1 && !self.debounced(message) {
             self.notify(message, "retrying", RETRYING_TEXT).await;
         }
         let delay = self.config.retry_backoff * 2u32.saturating_pow(attempt.saturating_sub(1));
@@ -196,6 +244,9 @@ impl Bridge {
                 return Outcome::Done;
             }
         };
+        if !self.admitted(message, &route).await {
+            return Outcome::Done;
+        }
         let Some(provider) = self.providers.get(&route.runtime).cloned() else {
             tracing::error!(runtime = %route.runtime, "route names an unknown runtime");
             self.notify(
@@ -224,9 +275,49 @@ impl Bridge {
             .and_then(|r| r.last_turn.as_ref())
             .filter(|t| t.inbound_id == message.id)
             .cloned();
+        if resume.is_none() {
+            let command = commands::parse(&message.text, &self.config.commands);
+            if let Some(command) = command {
+                return match command {
+                    Ok(command) => {
+                        self.command(key, message, &route, provider.as_ref(), record, command)
+                            .await
+                    }
+                    Err(usage) => {
+                        self.notify(message, "command", &format!("❔ {usage}"))
+                            .await;
+                        Outcome::Done
+                    }
+                };
+            }
+            if let Some(mut record) = record.clone() {
+                if let Some(press) = message
+                    .button_press
+                    .as_ref()
+                    .filter(|p| p.action_id == ACTION_TIMEOUT)
+                {
+                    return self
+                        .on_timeout(
+                            key,
+                            delivery,
+                            message,
+                            provider.as_ref(),
+                            &mut record,
+                            &press.value,
+                        )
+                        .await;
+                }
+                if let Some(outcome) = self
+                    .on_waiting(key, delivery, message, provider.as_ref(), &mut record)
+                    .await
+                {
+                    return outcome;
+                }
+            }
+        }
         let mut record = match record {
             Some(record) => record,
-            None => match self.new_session(key, &route, provider.as_ref()).await {
+            None => match self.new_session(key, &route, provider.as_ref(), None).await {
                 Ok(record) => record,
                 Err(e) => return self.turn_failed(message, e).await,
             },
@@ -239,7 +330,15 @@ impl Bridge {
             None => TurnStart::New,
         };
         match self
-            .run_turn(key, delivery, message, provider.as_ref(), &mut record, turn)
+            .run_turn(
+                key,
+                delivery,
+                message,
+                &route,
+                provider.as_ref(),
+                &mut record,
+                turn,
+            )
             .await
         {
             Err(TurnError::SessionGone) => {
@@ -247,7 +346,8 @@ impl Bridge {
                 tracing::warn!("runtime session gone, starting a new one");
                 let _ = self.sessions.remove(key).await;
                 self.ownership.cache_record(&subject::token(key), None);
-                let mut record = match self.new_session(key, &route, provider.as_ref()).await {
+                let mut record = match self.new_session(key, &route, provider.as_ref(), None).await
+                {
                     Ok(record) => record,
                     Err(e) => return self.turn_failed(message, e).await,
                 };
@@ -256,6 +356,7 @@ impl Bridge {
                         key,
                         delivery,
                         message,
+                        &route,
                         provider.as_ref(),
                         &mut record,
                         TurnStart::New,
@@ -271,7 +372,30 @@ impl Bridge {
         }
     }
 
-    async fn turn_failed(&self, message: &InboundMessage, error: TurnError) -> Outcome {
+    /// Continues a paused turn (after its approvals were answered).
+    pub(crate) async fn continue_turn(
+        &self,
+        key: &str,
+        delivery: &Delivery,
+        message: &InboundMessage,
+        provider: &dyn Provider,
+        record: &mut SessionRecord,
+        start: TurnStart,
+    ) -> Outcome {
+        let route = match self.router.route(message, key).await {
+            Decision::Serve(route) => route,
+            Decision::Reject { .. } => return Outcome::Done,
+        };
+        match self
+            .run_turn(key, delivery, message, &route, provider, record, start)
+            .await
+        {
+            Ok(()) => Outcome::Done,
+            Err(e) => self.turn_failed(message, e).await,
+        }
+    }
+
+    pub(crate) async fn turn_failed(&self, message: &InboundMessage, error: TurnError) -> Outcome {
         match error {
             TurnError::Transient(reason) => Outcome::Retry { reason },
             TurnError::Bus(e) => Outcome::Retry {
@@ -282,6 +406,9 @@ impl Bridge {
             },
             TurnError::Permanent(reason) => {
                 tracing::error!(reason = %reason, "runtime refused the message");
+                if self.debounced(message) {
+                    return Outcome::Done;
+                }
                 self.notify(
                     message,
                     "refused",
@@ -293,11 +420,12 @@ impl Bridge {
         }
     }
 
-    async fn new_session(
+    pub(crate) async fn new_session(
         &self,
         key: &str,
         route: &Route,
         provider: &dyn Provider,
+        cwd: Option<String>,
     ) -> Result<SessionRecord, TurnError> {
         let spec = SessionSpec {
             agent_id: route.agent_id.clone(),
@@ -306,7 +434,7 @@ impl Bridge {
             metadata: [("harnessgate_session".to_owned(), truncate(key, 512))]
                 .into_iter()
                 .collect(),
-            cwd: None,
+            cwd: cwd.clone(),
         };
         let runtime_session_id = provider.create_session(&spec).await?;
         tracing::info!(runtime = %route.runtime, runtime_session = %runtime_session_id, "runtime session created");
@@ -318,6 +446,9 @@ impl Bridge {
             created_ms: hg_proto::now_ms(),
             turns: 0,
             last_turn: None,
+            cwd,
+            waiting: None,
+            usage: UsageTotals::default(),
         };
         self.store_record(key, &record).await?;
         Ok(record)
@@ -335,7 +466,11 @@ impl Bridge {
         Ok(record)
     }
 
-    async fn store_record(&self, key: &str, record: &SessionRecord) -> Result<(), TurnError> {
+    pub(crate) async fn store_record(
+        &self,
+        key: &str,
+        record: &SessionRecord,
+    ) -> Result<(), TurnError> {
         let lease_key = subject::token(key);
         if let Err(e) = self.sessions.put(key, record).await {
             // Unknown state in KV: read it again next time.
@@ -347,11 +482,13 @@ impl Bridge {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn run_turn(
         &self,
         key: &str,
         delivery: &Delivery,
         message: &InboundMessage,
+        route: &Route,
         provider: &dyn Provider,
         record: &mut SessionRecord,
         start: TurnStart,
@@ -382,6 +519,7 @@ impl Bridge {
                     inbound_id: message.id.clone(),
                     turn_id: format!("turn-{}", uuid::Uuid::now_v7().simple()),
                     anchor_event_id: anchor,
+                    handled: Vec::new(),
                 };
                 record.turns += 1;
                 record.last_turn = Some(turn.clone());
@@ -389,6 +527,29 @@ impl Bridge {
                 (turn, events)
             }
         };
+        let stop = CancellationToken::new();
+        self.running.lock().expect("running turns lock").insert(
+            subject::token(key),
+            RunningTurn {
+                started_ms: hg_proto::now_ms(),
+                stop: stop.clone(),
+            },
+        );
+        let _running = RunningGuard {
+            bridge: self,
+            key: subject::token(key),
+        };
+        let mut handled: HashSet<String> = turn.handled.iter().cloned().collect();
+        let mut asks: HashMap<String, Ask> = HashMap::new();
+        let mut auto: Vec<(String, Grant)> = Vec::new();
+        let mut notices = 0u32;
+        let notice_window = self.config.approvals.notice_window;
+        let notice_at = tokio::time::sleep(Duration::from_secs(86_400));
+        tokio::pin!(notice_at);
+        let mut usage = UsageTotals::default();
+        let mut stopped = false;
+        let stop_grace = tokio::time::sleep(Duration::from_secs(86_400));
+        tokio::pin!(stop_grace);
         let mut buffer = TurnBuffer::default();
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + self.config.turn_timeout;
@@ -411,6 +572,23 @@ impl Bridge {
                     let _ = delivery.progress().await;
                     continue;
                 }
+                () = &mut notice_at, if !auto.is_empty() => {
+                    self.announce_auto(message, &turn.turn_id, &mut auto, &mut notices).await;
+                    continue;
+                }
+                () = stop.cancelled(), if !stopped => {
+                    tracing::info!("turn stopped by /stop");
+                    stopped = true;
+                    if let Err(e) = provider.interrupt(&session_id).await {
+                        tracing::warn!(error = %e, "cannot interrupt the runtime");
+                    }
+                    stop_grace.as_mut().reset(tokio::time::Instant::now() + STOP_GRACE);
+                    continue;
+                }
+                () = &mut stop_grace, if stopped => {
+                    tracing::warn!("runtime did not end the turn after an interrupt");
+                    break;
+                }
                 () = tokio::time::sleep_until(deadline) => {
                     tracing::warn!("turn timed out");
                     let _ = provider.interrupt(&session_id).await;
@@ -430,9 +608,37 @@ impl Bridge {
                 RuntimeEvent::ToolUse {
                     id,
                     name,
+                    input,
                     evaluated_permission: Some(permission),
                     ..
-                } if permission == "ask" => buffer.asked_tools.push((id.clone(), name.clone())),
+                } if permission == "ask" => {
+                    asks.insert(
+                        id.clone(),
+                        Ask {
+                            request_id: id.clone(),
+                            tool: name.clone(),
+                            input: input.clone(),
+                            options: Vec::new(),
+                        },
+                    );
+                }
+                RuntimeEvent::PermissionRequest {
+                    id,
+                    title,
+                    input,
+                    options,
+                    ..
+                } => {
+                    asks.insert(
+                        id.clone(),
+                        Ask {
+                            request_id: id.clone(),
+                            tool: title.clone(),
+                            input: input.clone(),
+                            options: options.iter().map(StoredOption::from).collect(),
+                        },
+                    );
+                }
                 RuntimeEvent::Error {
                     message: text,
                     retry_status,
@@ -440,25 +646,72 @@ impl Bridge {
                 } if retry_status.as_deref() != Some("retrying") => {
                     buffer.error = Some(text.clone())
                 }
+                RuntimeEvent::Usage { usage: u, .. } => {
+                    usage.model_requests += 1;
+                    usage.input_tokens += u.input_tokens;
+                    usage.output_tokens += u.output_tokens;
+                    usage.cache_read_input_tokens += u.cache_read_input_tokens;
+                    usage.cache_creation_input_tokens += u.cache_creation_input_tokens;
+                    if let Some(cost) = u.cost_micro_usd {
+                        usage.cost_micro_usd = Some(usage.cost_micro_usd.unwrap_or(0) + cost);
+                    }
+                }
                 RuntimeEvent::CustomToolUse { id, name, input } => {
-                    buffer.custom_tools.push(id.clone());
+                    handled.insert(id.clone());
                     self.run_custom_tool(provider, &session_id, id, name, input)
                         .await?;
                 }
                 RuntimeEvent::Status {
+                    id: status_id,
                     state: SessionState::Idle,
                     stop_reason: Some(StopReason::RequiresAction { event_ids }),
-                    ..
                 } => {
-                    self.answer_required_actions(
-                        message,
-                        provider,
-                        &session_id,
-                        &turn,
-                        &buffer,
-                        event_ids,
-                    )
-                    .await?;
+                    let mut need = Vec::new();
+                    for event_id in event_ids {
+                        if handled.contains(event_id) {
+                            continue;
+                        }
+                        handled.insert(event_id.clone());
+                        need.push(asks.remove(event_id).unwrap_or_else(|| Ask {
+                            request_id: event_id.clone(),
+                            tool: "a tool".into(),
+                            input: serde_json::Value::Null,
+                            options: Vec::new(),
+                        }));
+                    }
+                    if stopped {
+                        for ask in need {
+                            let _ = provider
+                                .confirm_tool(&session_id, &ask.request_id, ToolDecision::Cancelled)
+                                .await;
+                        }
+                        continue;
+                    }
+                    let before = auto.len();
+                    let need = self
+                        .apply_grants(message, key, provider, record, need, &mut auto)
+                        .await?;
+                    if auto.len() > before && before == 0 {
+                        notice_at
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + notice_window);
+                    }
+                    if !need.is_empty() {
+                        // Pause: what the agent said so far, then the
+                        // requests; the turn goes on once they are answered.
+                        self.announce_auto(message, &turn.turn_id, &mut auto, &mut notices)
+                            .await;
+                        self.add_usage(record, usage);
+                        let reply = std::mem::take(&mut buffer);
+                        self.publish_reply(message, key, &turn, reply, typing)
+                            .await?;
+                        return self
+                            .pause_for_approvals(
+                                message, key, route, provider, record, &turn, status_id, need,
+                                &handled,
+                            )
+                            .await;
+                    }
                 }
                 _ => {}
             }
@@ -474,8 +727,31 @@ impl Bridge {
         }
         metrics::histogram!("hg_bridge_turn_seconds", "runtime" => provider.name())
             .record(started.elapsed().as_secs_f64());
+        self.announce_auto(message, &turn.turn_id, &mut auto, &mut notices)
+            .await;
+        if stopped {
+            buffer.stopped = true;
+        }
+        if usage != UsageTotals::default() {
+            self.add_usage(record, usage);
+            if self.store_record(key, record).await.is_err() {
+                tracing::warn!("cannot store the session's usage");
+            }
+        }
         self.publish_reply(message, key, &turn, buffer, typing)
             .await
+    }
+
+    fn add_usage(&self, record: &mut SessionRecord, usage: UsageTotals) {
+        let total = &mut record.usage;
+        total.model_requests += usage.model_requests;
+        total.input_tokens += usage.input_tokens;
+        total.output_tokens += usage.output_tokens;
+        total.cache_read_input_tokens += usage.cache_read_input_tokens;
+        total.cache_creation_input_tokens += usage.cache_creation_input_tokens;
+        if let Some(cost) = usage.cost_micro_usd {
+            total.cost_micro_usd = Some(total.cost_micro_usd.unwrap_or(0) + cost);
+        }
     }
 
     async fn publish_reply(
@@ -496,7 +772,12 @@ impl Bridge {
             }
         };
         let mut out = self.outbound(message, kind, text);
-        out.id = format!("{}:reply", turn.turn_id);
+        // A turn paused for approvals replies once per part it ran.
+        out.id = if turn.handled.is_empty() {
+            format!("{}:reply", turn.turn_id)
+        } else {
+            format!("{}:reply-{}", turn.turn_id, turn.handled.len())
+        };
         out.session_key = key.to_owned();
         out.turn_id = turn.turn_id.clone();
         // Same id on a resumed turn: the stream drops the duplicate.
@@ -510,48 +791,6 @@ impl Bridge {
             .await
             .map_err(TurnError::Bus)?;
         metrics::counter!("hg_bridge_replies_total").increment(1);
-        Ok(())
-    }
-
-    /// Tool-permission requests arrive with the approvals feature; until a
-    /// route enables it, "ask" tools are denied with a reason the agent can
-    /// read, and the user is told.
-    async fn answer_required_actions(
-        &self,
-        message: &InboundMessage,
-        provider: &dyn Provider,
-        session_id: &str,
-        turn: &TurnRecord,
-        buffer: &TurnBuffer,
-        event_ids: &[String],
-    ) -> Result<(), TurnError> {
-        for event_id in event_ids {
-            if buffer.custom_tools.contains(event_id) {
-                continue;
-            }
-            let tool = buffer
-                .asked_tools
-                .iter()
-                .find(|(id, _)| id == event_id)
-                .map(|(_, name)| name.as_str())
-                .unwrap_or("a tool");
-            provider
-                .confirm_tool(
-                    session_id,
-                    event_id,
-                    ToolDecision::Deny {
-                        message: Some("tool approvals are not enabled on this gateway".into()),
-                    },
-                )
-                .await
-                .map_err(TurnError::from)?;
-            self.notify(
-                message,
-                &format!("{}:denied:{event_id}", turn.turn_id),
-                &format!("🚫 The agent asked to use {tool}; approvals are not enabled here, so it was denied."),
-            )
-            .await;
-        }
         Ok(())
     }
 
@@ -739,8 +978,27 @@ impl Bridge {
         }
     }
 
+    /// True when this conversation was told about an error within the
+    /// debounce window (so this one is not sent); else notes the time.
+    fn debounced(&self, message: &InboundMessage) -> bool {
+        let key = crate::session::session_key(message);
+        let now = self.clock.now_ms();
+        let window = self.config.error_debounce.as_millis() as i64;
+        let mut notices = self.error_notices.lock().expect("error notices lock");
+        if notices.len() > 10_000 {
+            notices.retain(|_, at| now - *at < window);
+        }
+        match notices.get(&key) {
+            Some(at) if now - *at < window => true,
+            _ => {
+                notices.insert(key, now);
+                false
+            }
+        }
+    }
+
     /// Sends a short status line to the user (idempotent per `tag`).
-    async fn notify(&self, message: &InboundMessage, tag: &str, text: &str) {
+    pub(crate) async fn notify(&self, message: &InboundMessage, tag: &str, text: &str) {
         let mut out = self.outbound(message, OutboundKind::Status, text.to_owned());
         out.id = format!("{}:{tag}", message.id);
         let subject = subject::outbound(&message.platform, &message.app_id);
@@ -750,7 +1008,7 @@ impl Bridge {
         }
     }
 
-    fn outbound(
+    pub(crate) fn outbound(
         &self,
         message: &InboundMessage,
         kind: OutboundKind,
@@ -776,12 +1034,12 @@ impl Bridge {
     }
 }
 
-enum TurnStart {
+pub(crate) enum TurnStart {
     New,
     Resume(TurnRecord),
 }
 
-enum TurnError {
+pub(crate) enum TurnError {
     /// Try again later (runtime unavailable, rate limited, stream lost).
     Transient(String),
     /// The runtime will not take this message.
@@ -807,9 +1065,8 @@ struct TurnBuffer {
     text: String,
     error: Option<String>,
     stop: Option<String>,
-    /// Tool uses the runtime evaluated as "ask": (event id, tool name).
-    asked_tools: Vec<(String, String)>,
-    custom_tools: Vec<String>,
+    /// Ended by `/stop`.
+    stopped: bool,
 }
 
 impl TurnBuffer {
@@ -842,6 +1099,11 @@ impl TurnBuffer {
     /// The reply to publish: the agent's text, and a short error line when
     /// the turn failed, so the user never meets silence.
     fn finish(self) -> Option<(OutboundKind, String)> {
+        if self.stopped {
+            // `/stop` answers for itself; keep what the agent had said.
+            return (!self.text.is_empty())
+                .then(|| (OutboundKind::Reply, format!("{}\n\n⏹ Stopped.", self.text)));
+        }
         let problem = self.error.or(self.stop);
         match (self.text.is_empty(), problem) {
             (false, None) => Some((OutboundKind::Reply, self.text)),

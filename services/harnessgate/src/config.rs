@@ -267,12 +267,12 @@ impl Config {
                 runtime: "claude".into(),
                 agent_id: self.claude.agent_id.clone(),
                 environment_id: self.claude.environment_id.clone(),
+                ..Route::default()
             }
         } else {
             Route {
                 runtime: "echo".into(),
-                agent_id: String::new(),
-                environment_id: String::new(),
+                ..Route::default()
             }
         }
     }

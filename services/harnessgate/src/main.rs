@@ -4,6 +4,7 @@
 //! harnessgate up                  everything in one process (+ a local nats-server when none is configured)
 //! harnessgate run bridge web      chosen components in this process
 //! harnessgate tail 'hg.in.>'      decode and print bus traffic
+//! harnessgate pairing approve CODE let a user in (also: pairing list)
 //! harnessgate config check        validate and print the effective config, secrets redacted
 //! ```
 
@@ -19,6 +20,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 mod app;
 mod config;
+mod pairing;
 mod tail;
 
 use std::path::PathBuf;
@@ -62,6 +64,11 @@ enum Command {
         #[arg(long, short = 'n')]
         count: Option<usize>,
     },
+    /// Pairing codes of people waiting to talk to the agent.
+    Pairing {
+        #[command(subcommand)]
+        command: pairing::PairingCommand,
+    },
     /// Configuration commands.
     Config {
         #[command(subcommand)]
@@ -104,6 +111,7 @@ fn main() -> ExitCode {
             Command::Up => app::up(config).await,
             Command::Run { components } => app::run(config, &components).await,
             Command::Tail { subject, count } => tail::tail(&config, &subject, count).await,
+            Command::Pairing { command } => pairing::run(&config, command).await,
             Command::Config { .. } => Ok(()),
         }
     });

@@ -31,7 +31,9 @@ use axum::serve::ListenerExt as _;
 use futures::Stream;
 use hg_bus::{Bus, BusError};
 use hg_egress::{DeliveryError, EgressConfig, Part, Platform};
-use hg_proto::{ChatType, InboundMessage, OutboundKind, OutboundMessage, Sender, subject};
+use hg_proto::{
+    ButtonPress, ChatType, InboundMessage, OutboundKind, OutboundMessage, Sender, subject,
+};
 use hg_service::Health;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -295,11 +297,27 @@ async fn create_session(State(state): State<Arc<AppState>>) -> Result<Response, 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SendBody {
+    /// The message; with `action` it is the pressed button's label.
+    #[serde(default)]
     text: String,
+    /// A button press (approval buttons and the like).
+    #[serde(default)]
+    action: Option<SendAction>,
     /// Client-chosen id; a retried POST with the same id is answered once.
     #[serde(default)]
     client_message_id: Option<String>,
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendAction {
+    action_id: String,
+    #[serde(default)]
+    value: String,
+}
+
+/// Longest accepted button action id or value, in bytes.
+const MAX_ACTION_BYTES: usize = 256;
 
 #[derive(Serialize)]
 struct Accepted {
@@ -330,7 +348,20 @@ async fn send_message(
             format!("body must be {{\"text\": string}}: {e}"),
         )
     })?;
-    if body.text.trim().is_empty() {
+    if let Some(action) = &body.action
+        && (action.action_id.is_empty()
+            || action.action_id.len() > MAX_ACTION_BYTES
+            || action.value.len() > MAX_ACTION_BYTES)
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_action",
+            format!(
+                "action.action_id must be 1-{MAX_ACTION_BYTES} bytes and action.value at most {MAX_ACTION_BYTES}"
+            ),
+        ));
+    }
+    if body.text.trim().is_empty() && body.action.is_none() {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "empty_message",
@@ -371,6 +402,11 @@ async fn send_message(
             ..Default::default()
         }),
         text: body.text,
+        button_press: body.action.map(|a| ButtonPress {
+            action_id: a.action_id,
+            value: a.value,
+            message_id: String::new(),
+        }),
         timestamp_ms: hg_proto::now_ms(),
         ..Default::default()
     };

@@ -299,6 +299,12 @@ impl Agent<'_> {
     /// The built-in agent.
     fn turn(&self, log: &mut Log, text: &str) {
         self.running(log);
+        // In shared chats the bridge prefixes the speaker ("[ana]: …"); the
+        // magic prefixes apply to what they wrote.
+        let text = match text.strip_prefix('[').and_then(|t| t.split_once("]: ")) {
+            Some((_, said)) => said,
+            None => text,
+        };
         if let Some(n) = text.strip_prefix("long:") {
             let n = n.trim().parse().unwrap_or(4000);
             self.answer(log, &[&long_text(n)], None);

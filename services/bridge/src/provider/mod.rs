@@ -348,6 +348,16 @@ pub trait Provider: Send + Sync + 'static {
     /// Ends the runtime session. Unknown sessions are not an error.
     async fn destroy(&self, session_id: &str) -> Result<()>;
 
+    /// Checks a working directory asked for with `/new <dir>` and returns
+    /// it in the form the runtime will use; `Err` says why not, for people.
+    fn validate_cwd(&self, dir: &str) -> std::result::Result<String, String> {
+        let _ = dir;
+        Err(format!(
+            "The {} runtime does not work in a directory; use /new without one.",
+            self.name()
+        ))
+    }
+
     /// The runtime's existing sessions, newest first: `limit` of them after
     /// skipping `offset`.
     async fn list_sessions(&self, offset: usize, limit: usize) -> Result<Vec<SessionInfo>> {
