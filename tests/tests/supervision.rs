@@ -676,3 +676,46 @@ async fn at_most_three_codes_wait_per_app() {
         }
     }
 }
+
+#[tokio::test]
+async fn list_and_attach_continue_an_existing_session() {
+    let stack = Stack::start().await;
+    let fake = FakeClaude::start().await;
+    let _bridge = stack.bridge(config(), claude(&fake.base_url())).await;
+    let (_web, url) = stack.default_web().await;
+    // Ana's conversation makes a session with some history.
+    let ana = WebUser::signup(&url).await;
+    let mut ana_events = ana.events(None).await;
+    ana.send("the plan is to ship on Friday").await;
+    next_kind(&mut ana_events, "reply").await;
+    let ana_session = fake.sessions().pop().unwrap();
+
+    let bob = WebUser::signup(&url).await;
+    let mut events = bob.events(None).await;
+    bob.send("hi").await;
+    next_kind(&mut events, "reply").await;
+    bob.send("/list").await;
+    let list = next_kind(&mut events, "status").await;
+    assert!(list.text.contains("1. "), "{}", list.text);
+    assert!(list.text.contains("← this chat"), "{}", list.text);
+    assert!(list.text.contains(&ana_session), "{}", list.text);
+    // Newest first: Bob's own session is 1, Ana's is 2.
+    bob.send("/attach 2").await;
+    let attached = next_kind(&mut events, "status").await;
+    assert!(attached.text.contains("📎 Attached"), "{}", attached.text);
+    assert!(
+        attached.text.contains("the plan is to ship on Friday"),
+        "replays the last messages: {}",
+        attached.text
+    );
+    bob.send("and then?").await;
+    next_kind(&mut events, "reply").await;
+    assert_eq!(
+        fake.user_messages(&ana_session).last().map(String::as_str),
+        Some("and then?"),
+        "the message went to the attached session"
+    );
+    bob.send("/attach 9").await;
+    let missing = next_kind(&mut events, "status").await;
+    assert!(missing.text.contains("no session 9"), "{}", missing.text);
+}

@@ -15,10 +15,12 @@
 //!   `anthropic-beta` header listing `managed-agents-2026-04-01`, else 400
 //!   `invalid_request_error`. Errors have the API's shape:
 //!   `{"type":"error","error":{"type","message"},"request_id"}`.
-//! - `POST /v1/sessions`, `GET /v1/sessions/{id}`, `DELETE /v1/sessions/{id}`,
+//! - `POST /v1/sessions`, `GET /v1/sessions` (newest first, cursor pages
+//!   `{"data","next_page","prev_page"}`), `GET /v1/sessions/{id}`,
+//!   `DELETE /v1/sessions/{id}`,
 //!   `POST /v1/sessions/{id}/events` (`{"events":[…]}` → `{"data":[…]}`),
 //!   `GET /v1/sessions/{id}/events` (`limit` ≤ 1000, `order=asc|desc`,
-//!   `page` cursor → `{"data":[…],"next_page":…}`) and
+//!   `types[]` filter, `page` cursor → `{"data":[…],"next_page":…}`) and
 //!   `GET /v1/sessions/{id}/events/stream` (SSE, `event_deltas[]=agent.message`
 //!   for `event_start`/`event_delta` previews).
 //! - A stream carries only events produced after it connected, each frame
@@ -403,7 +405,7 @@ struct Log {
     deleted: bool,
 }
 
-struct StoredEvent {
+pub(super) struct StoredEvent {
     json: Bytes,
 }
 

@@ -18,7 +18,9 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, watch};
 
-use super::{Endpoint, Failure, Frame, Log, ReceivedRequest, Session, Shared, agent, lock};
+use super::{
+    Endpoint, Failure, Frame, Log, ReceivedRequest, Session, Shared, StoredEvent, agent, lock,
+};
 
 const BETA: &str = "managed-agents-2026-04-01";
 const PING: &[u8] = b"event: ping\ndata: {\"type\":\"ping\"}\n\n";
@@ -27,7 +29,7 @@ const PING: &[u8] = b"event: ping\ndata: {\"type\":\"ping\"}\n\n";
 pub(super) async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
     let mut stop = shared.shutdown.subscribe();
     let app = Router::new()
-        .route("/v1/sessions", post(create_session))
+        .route("/v1/sessions", post(create_session).get(list_sessions))
         .route(
             "/v1/sessions/{id}",
             get(retrieve_session).delete(delete_session),
@@ -321,6 +323,52 @@ async fn create_session(
     Ok(axum::Json(value).into_response())
 }
 
+/// `GET /v1/sessions`: newest first by default, cursor pages
+/// (`{"data","next_page","prev_page"}`), archived ones left out.
+async fn list_sessions(
+    State(shared): State<Arc<Shared>>,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Result<Response, ApiError> {
+    let mut limit = 20usize;
+    let mut descending = true;
+    let mut offset = 0usize;
+    for (name, value) in &params {
+        match name.as_str() {
+            "limit" => match value.parse::<usize>() {
+                Ok(n) if (1..=1000).contains(&n) => limit = n,
+                _ => return Err(bad_request("limit: must be between 1 and 1000")),
+            },
+            "order" => match value.as_str() {
+                "asc" => descending = false,
+                "desc" => descending = true,
+                _ => return Err(bad_request("order: must be asc or desc")),
+            },
+            "page" => match value.strip_prefix("page_").and_then(|n| n.parse().ok()) {
+                Some(n) => offset = n,
+                None => return Err(bad_request("page: invalid cursor")),
+            },
+            _ => {}
+        }
+    }
+    let mut ids: Vec<String> = lock(&shared.session_order).clone();
+    if descending {
+        ids.reverse();
+    }
+    let sessions: Vec<Value> = ids
+        .iter()
+        .filter_map(|id| shared.session(id))
+        .map(|session| session_json(&session, &lock(&session.log)))
+        .collect();
+    let end = offset.saturating_add(limit).min(sessions.len());
+    let page = sessions[offset.min(end)..end].to_vec();
+    let next_page = (end < sessions.len()).then(|| format!("page_{end}"));
+    let prev_page = (offset > 0).then(|| format!("page_{}", offset.saturating_sub(limit)));
+    Ok(
+        axum::Json(json!({"data": page, "next_page": next_page, "prev_page": prev_page}))
+            .into_response(),
+    )
+}
+
 async fn retrieve_session(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
@@ -404,6 +452,11 @@ async fn list_events(
     let mut limit = 20usize;
     let mut descending = false;
     let mut offset = 0usize;
+    let types: Vec<&str> = params
+        .iter()
+        .filter(|(name, _)| name == "types[]")
+        .map(|(_, value)| value.as_str())
+        .collect();
     for (name, value) in &params {
         match name.as_str() {
             "limit" => match value.parse::<usize>() {
@@ -424,7 +477,16 @@ async fn list_events(
     }
     let session = find(&shared, &id)?;
     let log = lock(&session.log);
-    let total = log.events.len();
+    let wanted: Vec<&StoredEvent> = log
+        .events
+        .iter()
+        .filter(|event| {
+            types.is_empty()
+                || serde_json::from_slice::<Value>(&event.json)
+                    .is_ok_and(|v| types.iter().any(|t| v["type"] == *t))
+        })
+        .collect();
+    let total = wanted.len();
     let end = offset.saturating_add(limit).min(total);
     let start = offset.min(total);
     let mut body = Vec::with_capacity(64 + (end - start) * 256);
@@ -438,7 +500,7 @@ async fn list_events(
         if n > 0 {
             body.push(b',');
         }
-        body.extend_from_slice(&log.events[index].json);
+        body.extend_from_slice(&wanted[index].json);
     }
     drop(log);
     body.extend_from_slice(b"],\"next_page\":");

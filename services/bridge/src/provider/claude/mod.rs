@@ -33,8 +33,8 @@ use serde::Deserialize;
 
 use self::http::{Http, Scope};
 use super::{
-    Capabilities, EventStream, Provider, ProviderError, Result, SessionSpec, ToolDecision,
-    ToolOutput, UserMessage,
+    Capabilities, EventStream, Provider, ProviderError, Result, SessionInfo, SessionSpec,
+    ToolDecision, ToolOutput, UserMessage,
 };
 
 /// Settings of the Claude Managed Agents provider.
@@ -225,8 +225,85 @@ impl Provider for ClaudeProvider {
             tool_confirmation: true,
             custom_tools: true,
             interrupt: true,
+            list_sessions: true,
             ..Capabilities::default()
         }
+    }
+
+    async fn list_sessions(&self, offset: usize, limit: usize) -> Result<Vec<SessionInfo>> {
+        // Cursor pages, newest first, walked until `offset + limit`.
+        let mut sessions = Vec::new();
+        let mut page: Option<String> = None;
+        while sessions.len() < offset + limit {
+            let url = self.http.url(&["v1", "sessions"]);
+            let mut query = vec![("limit", "100"), ("order", "desc")];
+            if let Some(page) = &page {
+                query.push(("page", page));
+            }
+            let response = self
+                .http
+                .send(reqwest::Method::GET, url, &query, None, Scope::Global)
+                .await?;
+            let listed: wire::SessionPage =
+                http::read_json(response, self.http.request_timeout()).await?;
+            let last = listed.data.is_empty();
+            sessions.extend(listed.data.into_iter().map(|s| SessionInfo {
+                id: s.id,
+                title: s.title.unwrap_or_default(),
+                created_ms: wire::parse_time_ms(&s.created_at).unwrap_or(0),
+            }));
+            match listed.next_page {
+                Some(next) if !last => page = Some(next),
+                _ => break,
+            }
+        }
+        Ok(sessions.into_iter().skip(offset).take(limit).collect())
+    }
+
+    async fn recent_messages(
+        &self,
+        session_id: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>> {
+        let url = self.http.url(&["v1", "sessions", session_id, "events"]);
+        let query = [
+            ("limit", "100"),
+            ("order", "desc"),
+            ("types[]", "user.message"),
+            ("types[]", "agent.message"),
+        ];
+        let response = self
+            .http
+            .send(
+                reqwest::Method::GET,
+                url,
+                &query,
+                None,
+                Scope::Session(session_id),
+            )
+            .await?;
+        let page: wire::HistoryPage =
+            http::read_json(response, self.http.request_timeout()).await?;
+        let mut messages: Vec<(String, String)> = page
+            .data
+            .into_iter()
+            .filter_map(|event| {
+                let role = match event.kind.as_str() {
+                    "user.message" => "user",
+                    "agent.message" => "agent",
+                    _ => return None,
+                };
+                let text: String = event
+                    .content
+                    .iter()
+                    .filter_map(|block| block.text.as_deref())
+                    .collect();
+                (!text.is_empty()).then(|| (role.to_owned(), text))
+            })
+            .take(limit)
+            .collect();
+        messages.reverse();
+        Ok(messages)
     }
 
     async fn create_session(&self, spec: &SessionSpec) -> Result<String> {

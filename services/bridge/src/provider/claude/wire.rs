@@ -561,8 +561,87 @@ pub(super) fn stream_error(data: &[u8], session_id: &str) -> (ProviderError, boo
     }
 }
 
+/// `GET /v1/sessions`: a cursor page of sessions.
+#[derive(Debug, Deserialize)]
+pub(super) struct SessionPage {
+    #[serde(default)]
+    pub data: Vec<SessionSummary>,
+    #[serde(default)]
+    pub next_page: Option<String>,
+}
+
+/// The parts of a listed session the bridge shows.
+#[derive(Debug, Deserialize)]
+pub(super) struct SessionSummary {
+    pub id: String,
+    #[serde(default)]
+    pub title: Option<String>,
+    #[serde(default)]
+    pub created_at: String,
+}
+
+/// A page of history events, read for `recent_messages`.
+#[derive(Debug, Deserialize)]
+pub(super) struct HistoryPage {
+    #[serde(default)]
+    pub data: Vec<HistoryEvent>,
+}
+
+/// A history event's type and text blocks.
+#[derive(Debug, Deserialize)]
+pub(super) struct HistoryEvent {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub content: Vec<HistoryBlock>,
+}
+
+/// A content block; only text blocks have `text`.
+#[derive(Debug, Deserialize)]
+pub(super) struct HistoryBlock {
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+/// Milliseconds since the epoch of an RFC 3339 UTC time such as
+/// `2026-04-01T12:30:05.123Z` (offsets other than `Z` are not used by the API).
+pub(super) fn parse_time_ms(time: &str) -> Option<i64> {
+    let b = time.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || !time.ends_with('Z') {
+        return None;
+    }
+    let num = |range: std::ops::Range<usize>| time.get(range)?.parse::<i64>().ok();
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let millis = match time.get(19..time.len() - 1) {
+        Some(frac) if frac.starts_with('.') => {
+            let digits: String = frac[1..].chars().chain("000".chars()).take(3).collect();
+            digits.parse::<i64>().ok()?
+        }
+        _ => 0,
+    };
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 24 + hh) * 60 + mm) * 60_000 + ss * 1000 + millis)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rfc3339_times_parse() {
+        assert_eq!(super::parse_time_ms("1970-01-01T00:00:01Z"), Some(1000));
+        assert_eq!(
+            super::parse_time_ms("2026-04-01T12:30:05.123Z"),
+            Some(1_775_046_605_123)
+        );
+        assert_eq!(super::parse_time_ms("yesterday"), None);
+    }
+
     use super::*;
 
     fn event(json: &str) -> RuntimeEvent {
