@@ -87,6 +87,10 @@ pub struct BridgeConfig {
     pub approvals: ApprovalsConfig,
     /// Custom chat commands answered on `hg.command.<name>`.
     pub commands: Vec<CustomCommand>,
+    /// Least time between two updates of a streaming reply (Telegram
+    /// allows about one edit per second per chat).
+    #[serde(with = "humantime_serde")]
+    pub stream_interval: Duration,
     /// Timeout of a custom command.
     #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
@@ -116,6 +120,7 @@ impl Default for BridgeConfig {
             approvals: ApprovalsConfig::default(),
             commands: Vec::new(),
             command_timeout: Duration::from_secs(10),
+            stream_interval: Duration::from_secs(1),
             pairing: PairingConfig::default(),
             error_debounce: Duration::from_secs(60),
         }

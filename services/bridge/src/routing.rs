@@ -29,6 +29,21 @@ pub struct Route {
     /// Platform user ids let in by `access = "allowlist"` or `"pairing"`.
     #[serde(default)]
     pub allowlist: Vec<String>,
+    /// One message per turn, or a message that grows while the agent writes.
+    #[serde(default)]
+    pub delivery: DeliveryMode,
+}
+
+/// How a turn's text reaches the user.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryMode {
+    /// The whole reply when the turn ends.
+    #[default]
+    Buffered,
+    /// A first message as soon as the agent writes, edited as it goes on
+    /// (throttled by `stream_interval`), ending with the full text.
+    Streaming,
 }
 
 /// The chat types a rule can match, as written in config.
@@ -76,6 +91,8 @@ pub struct RouteRule {
     pub access: AccessMode,
     /// See [`Route::allowlist`].
     pub allowlist: Vec<String>,
+    /// See [`Route::delivery`].
+    pub delivery: DeliveryMode,
 }
 
 impl RouteRule {
@@ -175,6 +192,7 @@ impl Router {
                     approvers: rule.approvers.clone(),
                     access: rule.access,
                     allowlist: rule.allowlist.clone(),
+                    delivery: rule.delivery,
                 })
             };
         }

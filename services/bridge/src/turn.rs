@@ -32,7 +32,7 @@ use crate::provider::{
     Provider, ProviderError, RuntimeEvent, SessionSpec, SessionState, StopReason, ToolDecision,
     ToolOutput, UserFile, UserMessage,
 };
-use crate::routing::{Decision, Route, Router};
+use crate::routing::{Decision, DeliveryMode, Route, Router};
 use crate::session::{SessionRecord, SessionStore, TurnRecord, UsageTotals};
 use crate::supervise::Ask;
 
@@ -550,6 +550,10 @@ impl Bridge {
         let mut stopped = false;
         let stop_grace = tokio::time::sleep(Duration::from_secs(86_400));
         tokio::pin!(stop_grace);
+        let streaming = route.delivery == DeliveryMode::Streaming;
+        let mut stream = StreamState::default();
+        let stream_at = tokio::time::sleep(Duration::from_secs(86_400));
+        tokio::pin!(stream_at);
         let mut buffer = TurnBuffer::default();
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + self.config.turn_timeout;
@@ -570,6 +574,13 @@ impl Bridge {
                 }
                 _ = progress.tick() => {
                     let _ = delivery.progress().await;
+                    continue;
+                }
+                () = &mut stream_at, if stream.dirty => {
+                    stream.dirty = false;
+                    stream.last = Some(tokio::time::Instant::now());
+                    let text = buffer.live_text(&stream.partial);
+                    self.publish_stream(message, key, &turn, &mut stream, text).await;
                     continue;
                 }
                 () = &mut notice_at, if !auto.is_empty() => {
@@ -603,6 +614,25 @@ impl Bridge {
             };
             self.observe(key, provider, &session_id, &turn, &event)
                 .await;
+            if streaming {
+                match &event {
+                    RuntimeEvent::AgentMessageDelta {
+                        message_id, text, ..
+                    } => {
+                        if stream.partial_of != *message_id {
+                            stream.partial_of = message_id.clone();
+                            stream.partial.clear();
+                        }
+                        stream.partial.push_str(text);
+                        stream.schedule(stream_at.as_mut(), self.config.stream_interval);
+                    }
+                    RuntimeEvent::AgentMessage { .. } => {
+                        stream.partial.clear();
+                        stream.schedule(stream_at.as_mut(), self.config.stream_interval);
+                    }
+                    _ => {}
+                }
+            }
             match &event {
                 RuntimeEvent::AgentMessage { text, .. } => buffer.push(text),
                 RuntimeEvent::ToolUse {
@@ -703,8 +733,15 @@ impl Bridge {
                             .await;
                         self.add_usage(record, usage);
                         let reply = std::mem::take(&mut buffer);
-                        self.publish_reply(message, key, &turn, reply, typing)
-                            .await?;
+                        self.publish_reply(
+                            message,
+                            key,
+                            &turn,
+                            reply,
+                            typing,
+                            stream.started.as_deref(),
+                        )
+                        .await?;
                         return self
                             .pause_for_approvals(
                                 message, key, route, provider, record, &turn, status_id, need,
@@ -738,8 +775,15 @@ impl Bridge {
                 tracing::warn!("cannot store the session's usage");
             }
         }
-        self.publish_reply(message, key, &turn, buffer, typing)
-            .await
+        self.publish_reply(
+            message,
+            key,
+            &turn,
+            buffer,
+            typing,
+            stream.started.as_deref(),
+        )
+        .await
     }
 
     fn add_usage(&self, record: &mut SessionRecord, usage: UsageTotals) {
@@ -761,6 +805,7 @@ impl Bridge {
         turn: &TurnRecord,
         buffer: TurnBuffer,
         typing: bool,
+        streamed: Option<&str>,
     ) -> Result<(), TurnError> {
         let (kind, text) = match buffer.finish() {
             Some(reply) => reply,
@@ -773,11 +818,12 @@ impl Bridge {
         };
         let mut out = self.outbound(message, kind, text);
         // A turn paused for approvals replies once per part it ran.
-        out.id = if turn.handled.is_empty() {
-            format!("{}:reply", turn.turn_id)
-        } else {
-            format!("{}:reply-{}", turn.turn_id, turn.handled.len())
-        };
+        out.id = format!("{}:reply", segment_id(turn));
+        if let Some(streamed) = streamed {
+            // The final text replaces the message that grew while streaming.
+            out.kind = OutboundKind::Edit as i32;
+            out.edit_of = streamed.to_owned();
+        }
         out.session_key = key.to_owned();
         out.turn_id = turn.turn_id.clone();
         // Same id on a resumed turn: the stream drops the duplicate.
@@ -792,6 +838,58 @@ impl Bridge {
             .map_err(TurnError::Bus)?;
         metrics::counter!("hg_bridge_replies_total").increment(1);
         Ok(())
+    }
+
+    /// Shows the text so far of a streaming reply: the first time as a new
+    /// message, then as edits of it.
+    async fn publish_stream(
+        &self,
+        message: &InboundMessage,
+        key: &str,
+        turn: &TurnRecord,
+        stream: &mut StreamState,
+        text: String,
+    ) {
+        if text.is_empty() || text == stream.shown {
+            return;
+        }
+        let stream_id = format!("{}:stream", segment_id(turn));
+        let (kind, id) = if stream.updates == 0 {
+            (OutboundKind::Reply, stream_id.clone())
+        } else {
+            (
+                OutboundKind::Edit,
+                format!("{stream_id}:{}", stream.updates),
+            )
+        };
+        let mut out = self.outbound(message, kind, text.clone());
+        out.id = id;
+        if kind == OutboundKind::Edit {
+            out.edit_of = stream_id.clone();
+        }
+        out.session_key = key.to_owned();
+        out.turn_id = turn.turn_id.clone();
+        let msg_id = format!(
+            "{}:{}:{}:{}",
+            message.platform, message.id, stream_id, stream.updates
+        );
+        match self
+            .bus
+            .publish(
+                &subject::outbound(&message.platform, &message.app_id),
+                &out,
+                Some(&msg_id),
+            )
+            .await
+        {
+            Ok(_) => {
+                stream.updates += 1;
+                stream.shown = text;
+                stream.started = Some(stream_id);
+            }
+            // An update lost is not a reply lost: the final text follows.
+            Err(e) => tracing::debug!(error = %e, "cannot publish a streaming update"),
+        }
     }
 
     async fn run_custom_tool(
@@ -1069,7 +1167,57 @@ struct TurnBuffer {
     stopped: bool,
 }
 
+/// A streaming reply's progress within one turn segment.
+#[derive(Default)]
+struct StreamState {
+    /// Outbound id of the growing message, once it was sent.
+    started: Option<String>,
+    updates: u32,
+    /// Text last shown.
+    shown: String,
+    /// The agent message being written, from deltas.
+    partial: String,
+    partial_of: String,
+    /// New text waits to be shown.
+    dirty: bool,
+    last: Option<tokio::time::Instant>,
+}
+
+impl StreamState {
+    /// Marks new text and schedules its update, at most one per `interval`.
+    fn schedule(&mut self, at: std::pin::Pin<&mut tokio::time::Sleep>, interval: Duration) {
+        if self.dirty {
+            return;
+        }
+        self.dirty = true;
+        let when = match self.last {
+            Some(last) => last + interval,
+            None => tokio::time::Instant::now(),
+        };
+        at.reset(when);
+    }
+}
+
+/// Id prefix of the messages of this turn segment: a turn paused for
+/// approvals continues in a new segment.
+fn segment_id(turn: &TurnRecord) -> String {
+    if turn.handled.is_empty() {
+        turn.turn_id.clone()
+    } else {
+        format!("{}-{}", turn.turn_id, turn.handled.len())
+    }
+}
+
 impl TurnBuffer {
+    /// The finished messages plus the one being written.
+    fn live_text(&self, partial: &str) -> String {
+        match (self.text.is_empty(), partial.is_empty()) {
+            (_, true) => self.text.clone(),
+            (true, false) => partial.to_owned(),
+            (false, false) => format!("{}\n\n{partial}", self.text),
+        }
+    }
+
     fn push(&mut self, text: &str) {
         if text.is_empty() {
             return;
