@@ -719,3 +719,42 @@ async fn list_and_attach_continue_an_existing_session() {
     let missing = next_kind(&mut events, "status").await;
     assert!(missing.text.contains("no session 9"), "{}", missing.text);
 }
+
+#[tokio::test]
+async fn repeated_runtime_errors_in_a_conversation_produce_one_notice() {
+    let stack = Stack::start().await;
+    let fake = FakeClaude::start().await;
+    // Down for longer than both messages' first attempts.
+    fake.fail_next(
+        hg_testkit::fake_claude::Endpoint::CreateSession,
+        500,
+        None,
+        6,
+    );
+    let mut config = config();
+    config.max_attempts = 10;
+    let _bridge = stack.bridge(config, claude(&fake.base_url())).await;
+    let (_web, url) = stack.default_web().await;
+    let user = WebUser::signup(&url).await;
+    let mut events = user.events(None).await;
+    user.send("first").await;
+    user.send("second").await;
+    let mut replies = Vec::new();
+    let mut notices = 0;
+    while replies.len() < 2 {
+        let event = events
+            .next_message(WAIT)
+            .await
+            .expect("both answered once up");
+        match event.kind.as_str() {
+            "status" if event.text.contains("unavailable right now") => notices += 1,
+            "reply" => replies.push(event.text),
+            _ => {}
+        }
+    }
+    assert_eq!(replies, ["echo: first", "echo: second"]);
+    assert_eq!(
+        notices, 1,
+        "one notice for the conversation, not one per message"
+    );
+}
