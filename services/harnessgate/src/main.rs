@@ -6,6 +6,7 @@
 //! harnessgate tail 'hg.in.>'      decode and print bus traffic
 //! harnessgate pairing approve CODE let a user in (also: pairing list)
 //! harnessgate config check        validate and print the effective config, secrets redacted
+//! harnessgate apps add telegram --token …   add a bot at runtime (also: apps list, apps remove)
 //! ```
 
 // The message path allocates many small short-lived buffers; glibc malloc
@@ -19,6 +20,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 mod app;
+mod apps;
 mod config;
 mod pairing;
 mod tail;
@@ -63,6 +65,11 @@ enum Command {
         /// Stop after this many messages.
         #[arg(long, short = 'n')]
         count: Option<usize>,
+    },
+    /// Bots added and removed at runtime (`apps add telegram --token …`).
+    Apps {
+        #[command(subcommand)]
+        command: apps::AppsCommand,
     },
     /// Pairing codes of people waiting to talk to the agent.
     Pairing {
@@ -111,6 +118,7 @@ fn main() -> ExitCode {
             Command::Up => app::up(config).await,
             Command::Run { components } => app::run(config, &components).await,
             Command::Tail { subject, count } => tail::tail(&config, &subject, count).await,
+            Command::Apps { command } => apps::run(&config, command).await,
             Command::Pairing { command } => pairing::run(&config, command).await,
             Command::Config { .. } => Ok(()),
         }

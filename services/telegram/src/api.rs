@@ -17,26 +17,53 @@ pub(crate) struct BotClient {
     pub bot: Bot,
 }
 
-impl BotClient {
-    /// Clients for every configured bot, sharing one HTTP client with
-    /// teloxide's long-running settings (17 s timeout).
-    pub fn all(config: &TelegramConfig) -> Result<Vec<BotClient>, TelegramError> {
+/// Builds [`BotClient`]s that share one HTTP client (teloxide's long-running
+/// settings: 17 s timeout) and the configured Bot API URL.
+#[derive(Clone)]
+pub(crate) struct ClientFactory {
+    http: reqwest::Client,
+    url: reqwest::Url,
+}
+
+impl ClientFactory {
+    /// A factory for the Bot API at `api_url`.
+    pub fn new(api_url: &str) -> Result<Self, TelegramError> {
         let http = teloxide_core::net::default_reqwest_settings()
             .build()
             .map_err(|e| TelegramError::Config(format!("cannot build the http client: {e}")))?;
-        let url = reqwest::Url::parse(config.api_url.trim_end_matches('/'))
+        let url = reqwest::Url::parse(api_url.trim_end_matches('/'))
             .map_err(|e| TelegramError::Config(format!("telegram.api_url: {e}")))?;
+        Ok(ClientFactory { http, url })
+    }
+
+    /// A client for `token`; `None` when it is not shaped like a token.
+    pub fn client(&self, token: &str) -> Option<BotClient> {
+        let id = BotConfig {
+            token: token.to_owned(),
+        }
+        .id()?
+        .to_owned();
+        Some(BotClient {
+            id,
+            bot: Bot::with_client(token.to_owned(), self.http.clone())
+                .set_api_url(self.url.clone()),
+        })
+    }
+}
+
+impl BotClient {
+    /// Clients for every configured bot.
+    pub fn all(
+        factory: &ClientFactory,
+        config: &TelegramConfig,
+    ) -> Result<Vec<BotClient>, TelegramError> {
         config
             .bots
             .iter()
             .map(|b: &BotConfig| {
-                let id = b.id().ok_or_else(|| {
-                    TelegramError::Config("telegram.bots: not a bot token".into())
-                })?;
-                Ok(BotClient {
-                    id: id.to_owned(),
-                    bot: Bot::with_client(b.token.clone(), http.clone()).set_api_url(url.clone()),
-                })
+                factory
+                    .client(&b.token)
+                    .ok_or_else(|| TelegramError::Config("telegram.bots: not a bot token".into()))
             })
             .collect()
     }
@@ -67,6 +94,18 @@ pub(crate) fn not_modified(error: &RequestError) -> bool {
     match error {
         RequestError::Api(ApiError::MessageNotModified) => true,
         RequestError::Api(ApiError::Unknown(d)) => d.contains("message is not modified"),
+        _ => false,
+    }
+}
+
+/// Whether an edit used the wrong method for the message: text edits of a
+/// photo or document, caption edits of a text message.
+pub(crate) fn wrong_edit_kind(error: &RequestError) -> bool {
+    match error {
+        RequestError::Api(ApiError::Unknown(d)) => {
+            d.contains("there is no text in the message to edit")
+                || d.contains("there is no caption in the message to edit")
+        }
         _ => false,
     }
 }

@@ -13,7 +13,9 @@ use crate::TelegramError;
 pub struct TelegramConfig {
     /// Bot API base URL, without a trailing slash.
     pub api_url: String,
-    /// The bots to serve; each is one app (`hg.in.telegram.<bot id>`).
+    /// The bots to serve; each is one app (`hg.in.telegram.<bot id>`). More
+    /// can be added at runtime (`harnessgate apps add telegram`), so it may
+    /// be empty.
     pub bots: Vec<BotConfig>,
     /// How updates arrive: long polling or a webhook.
     pub mode: Mode,
@@ -29,10 +31,17 @@ pub struct TelegramConfig {
     /// 17 s timeout.
     #[serde(with = "humantime_serde")]
     pub poll_timeout: Duration,
-    /// How long a replica's hold on a bot's polling lasts without renewal;
-    /// another replica takes over within about this long after one dies.
+    /// How long a replica's hold on a bot's polling (ingress), or on
+    /// sending (egress: one replica sends at a time, so rate limits hold),
+    /// lasts without renewal; another replica takes over within about this
+    /// long after one dies.
     #[serde(with = "humantime_serde")]
     pub lease_ttl: Duration,
+    /// How long the parts of an album (photos or documents sent together,
+    /// one update each with the same `media_group_id`) are collected into
+    /// one message; nothing is confirmed to Telegram meanwhile.
+    #[serde(with = "humantime_serde")]
+    pub album_window: Duration,
     /// How often "typing…" is refreshed while a turn runs (Telegram shows
     /// it for about 5 s).
     #[serde(with = "humantime_serde")]
@@ -55,6 +64,7 @@ impl Default for TelegramConfig {
             max_file_bytes: 20 * 1024 * 1024,
             poll_timeout: Duration::from_secs(10),
             lease_ttl: Duration::from_secs(15),
+            album_window: Duration::from_secs(1),
             typing_interval: Duration::from_secs(4),
             egress: EgressConfig::default(),
             rate: RateConfig::default(),
@@ -70,9 +80,6 @@ impl TelegramConfig {
         };
         if reqwest::Url::parse(&self.api_url).is_err() {
             return bad("api_url", "not a valid url");
-        }
-        if self.bots.is_empty() {
-            return bad("bots", "at least one bot is required");
         }
         for (i, bot) in self.bots.iter().enumerate() {
             if bot.id().is_none() {
@@ -92,6 +99,9 @@ impl TelegramConfig {
         }
         if self.lease_ttl < Duration::from_millis(300) {
             return bad("lease_ttl", "must be at least 300ms");
+        }
+        if self.album_window > Duration::from_secs(10) {
+            return bad("album_window", "must be at most 10s");
         }
         if self.typing_interval.is_zero() {
             return bad("typing_interval", "must be positive");

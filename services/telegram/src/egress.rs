@@ -8,22 +8,24 @@
 //! into inline keyboards, edits earlier messages, sends files from the
 //! object store and paces messages below Telegram's flood limits.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use async_nats::jetstream::object_store::ObjectStore;
 use async_trait::async_trait;
 use hg_bus::Bus;
+use hg_bus::lease::Lease;
 use hg_egress::{DeliveryError, Part, Platform};
 use hg_proto::{Attachment, Button, OutboundKind, OutboundMessage, subject};
 use hg_text::{Limit, Measure};
 use serde::{Deserialize, Serialize};
 use teloxide_core::RequestError;
 use teloxide_core::payloads::{
-    EditMessageTextSetters, SendChatActionSetters, SendDocumentSetters, SendMessageSetters,
-    SendPhotoSetters,
+    EditMessageCaptionSetters, EditMessageTextSetters, SendChatActionSetters, SendDocumentSetters,
+    SendMessageSetters, SendPhotoSetters,
 };
 use teloxide_core::prelude::Requester;
 use teloxide_core::types::{
@@ -33,10 +35,11 @@ use teloxide_core::types::{
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api::{self, BotClient};
+use crate::api::{self, BotClient, ClientFactory};
+use crate::apps::{AppEvent, AppWatch};
 use crate::config::TelegramConfig;
 use crate::rate::RateLimiter;
-use crate::{PLATFORM, TelegramError, files};
+use crate::{LEASE_BUCKET, PLATFORM, TelegramError, files};
 
 /// Longest caption Telegram accepts, in UTF-16 units.
 const CAPTION_LIMIT: Limit = Limit::new(1024, Measure::Utf16);
@@ -72,34 +75,152 @@ impl ButtonRecord {
 struct MessageMap {
     chat_id: i64,
     parts: Vec<i32>,
+    /// Per part: its first message is a photo or document, whose text is a
+    /// caption (edited with `editMessageCaption`). Missing in maps written
+    /// before it existed: such edits find out from Telegram's answer.
+    #[serde(default)]
+    media: Vec<bool>,
+}
+
+/// The Telegram messages one part became.
+struct Delivered {
+    ids: Vec<i32>,
+    /// The first is a photo or document (its text is a caption).
+    media: bool,
 }
 
 fn map_key(outbound_id: &str) -> String {
     format!("msg_{}", subject::token(outbound_id))
 }
 
+/// Lease key (in [`LEASE_BUCKET`]) of the replica that sends.
+const SENDER_LEASE: &str = "egress_sender";
+
+/// Runs the egress: follows the runtime apps, and delivers while this
+/// replica holds the sender lease.
+///
+/// # Rate limits with several replicas
+///
+/// Telegram's flood limits are per chat (~1 msg/s), per group (~20/min)
+/// and per bot (~30 msg/s). The shared pipeline hands any message to any
+/// replica of the durable consumer `egress-telegram`, so neither a chat
+/// nor a bot stays with one replica, and per-process pacing would let
+/// every replica spend the whole budget (and two replicas could deliver
+/// one chat's messages out of order). So exactly one replica sends at a
+/// time: it holds the lease `egress_sender` in `hg_telegram_leases`
+/// (renewed every third of `telegram.lease_ttl`) and runs the pipeline;
+/// the others stand by and take over within about `lease_ttl` after it
+/// stops or dies. Its in-process [`RateLimiter`] then sees every send, so
+/// the per-chat, per-group and per-bot limits hold exactly, and the
+/// pipeline's per-chat ordering is the global order. One replica easily
+/// sends what Telegram allows per bot; a new leader waits one pacing
+/// interval before its first send so its limiter does not start below the
+/// old one's. Spreading the sending of hundreds of bots over replicas would
+/// need the shared pipeline to route each chat to an owning replica.
 pub(crate) async fn run(
     config: TelegramConfig,
     bus: Bus,
     shutdown: CancellationToken,
 ) -> Result<(), TelegramError> {
-    let platform = Arc::new(TelegramPlatform::new(&config, &bus).await?);
-    let result = hg_egress::run(
-        bus,
-        Arc::clone(&platform) as Arc<dyn Platform>,
-        config.egress.clone(),
-        shutdown,
-    )
-    .await;
+    let apps = AppWatch::open(&bus).await?;
+    let platform = Arc::new(TelegramPlatform::new(&config, &bus, apps.store()).await?);
+    let follower = Arc::clone(&platform);
+    let stop = platform.stop.clone();
+    platform
+        .tasks
+        .spawn(async move { follower.follow_apps(apps, stop).await });
+    let owner = format!("telegram-egress-{}", uuid::Uuid::new_v4().simple());
+    let result = match Lease::open(&bus, LEASE_BUCKET, config.lease_ttl, &owner).await {
+        Ok(leases) => send_while_elected(&platform, &bus, &config, &leases, &shutdown).await,
+        Err(e) => Err(TelegramError::from(e)),
+    };
     platform.stop.cancel();
     platform.tasks.close();
     platform.tasks.wait().await;
-    result.map_err(TelegramError::from)
+    result
+}
+
+/// Takes the sender lease when it is free and runs the pipeline while
+/// holding it, until `shutdown`.
+async fn send_while_elected(
+    platform: &Arc<TelegramPlatform>,
+    bus: &Bus,
+    config: &TelegramConfig,
+    leases: &Lease,
+    shutdown: &CancellationToken,
+) -> Result<(), TelegramError> {
+    let retry = leases.ttl() / 3;
+    tracing::info!(owner = %leases.owner(), "telegram egress started, waiting for the sender lease");
+    while !shutdown.is_cancelled() {
+        match leases.acquire(SENDER_LEASE).await.map(|c| c.revision()) {
+            Ok(Some(revision)) => {
+                tracing::info!(owner = %leases.owner(), "sender lease taken, delivering");
+                metrics::gauge!("hg_telegram_egress_sender").set(1.0);
+                let revision = AtomicU64::new(revision);
+                let active = shutdown.child_token();
+                let pipeline = async {
+                    // The previous sender's last messages count against the
+                    // limits this limiter has not seen.
+                    let rate = &config.rate;
+                    let paced = !rate.per_chat.is_zero()
+                        || rate.per_bot_per_second > 0
+                        || rate.per_group_per_minute > 0;
+                    let warmup = if paced {
+                        rate.per_chat.max(Duration::from_secs(1))
+                    } else {
+                        Duration::ZERO
+                    };
+                    tokio::select! {
+                        () = active.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(warmup) => {}
+                    }
+                    hg_egress::run(
+                        bus.clone(),
+                        Arc::clone(platform) as Arc<dyn Platform>,
+                        config.egress.clone(),
+                        active.clone(),
+                    )
+                    .await
+                };
+                tokio::pin!(pipeline);
+                let result = tokio::select! {
+                    result = &mut pipeline => result,
+                    () = crate::hold_lease(leases, SENDER_LEASE, &revision) => {
+                        tracing::warn!("sender lease lost, handing over");
+                        active.cancel();
+                        pipeline.await
+                    }
+                };
+                metrics::gauge!("hg_telegram_egress_sender").set(0.0);
+                // Hand over at once rather than after the ttl.
+                let _ = leases
+                    .release(SENDER_LEASE, revision.load(Ordering::Relaxed))
+                    .await;
+                result?;
+                if shutdown.is_cancelled() {
+                    break;
+                }
+            }
+            Ok(None) => tracing::trace!("another replica sends"),
+            Err(e) => tracing::warn!(error = %e, "cannot take the sender lease"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = tokio::time::sleep(retry) => {}
+        }
+    }
+    Ok(())
 }
 
 /// Telegram as the egress pipeline sees it.
 struct TelegramPlatform {
-    bots: HashMap<String, BotClient>,
+    /// Configured bots and runtime apps, by app id.
+    bots: RwLock<HashMap<String, BotClient>>,
+    /// App ids of the configured bots (runtime changes leave them alone).
+    configured: HashSet<String>,
+    factory: ClientFactory,
+    /// The `hg_apps` bucket, to look up an app the watch has not shown yet.
+    apps: kv::Store,
     state: kv::Store,
     files: ObjectStore,
     limiter: RateLimiter,
@@ -110,15 +231,17 @@ struct TelegramPlatform {
     /// Messages sent so far for the steps of a part that failed midway
     /// (text, then files), so a retry does not send them twice.
     progress: Mutex<HashMap<String, Vec<i32>>>,
-    /// First message of each part delivered so far, by outbound id.
-    delivered: Mutex<HashMap<String, Vec<i32>>>,
+    /// First message of each part delivered so far (and whether it is a
+    /// media message), by outbound id.
+    delivered: Mutex<HashMap<String, Vec<(i32, bool)>>>,
     tasks: TaskTracker,
     stop: CancellationToken,
 }
 
 /// Where a message goes.
-struct Target<'a> {
-    client: &'a BotClient,
+#[derive(Clone)]
+struct Target {
+    client: BotClient,
     chat: i64,
     thread: Option<i32>,
     /// The user's message to reply to (groups only: in a private chat a
@@ -133,13 +256,33 @@ enum Step {
 }
 
 impl TelegramPlatform {
-    async fn new(config: &TelegramConfig, bus: &Bus) -> Result<Self, TelegramError> {
-        let bots = BotClient::all(config)?
+    async fn new(
+        config: &TelegramConfig,
+        bus: &Bus,
+        apps: &kv::Store,
+    ) -> Result<Self, TelegramError> {
+        let factory = ClientFactory::new(&config.api_url)?;
+        let mut bots: HashMap<String, BotClient> = BotClient::all(&factory, config)?
             .into_iter()
             .map(|c| (c.id.clone(), c))
             .collect();
+        let configured = bots.keys().cloned().collect();
+        // Runtime apps known now are served from the first message on.
+        match crate::apps::load(apps).await {
+            Ok(records) => {
+                for record in records {
+                    if let Some(client) = factory.client(&record.token) {
+                        bots.entry(record.app_id).or_insert(client);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list the runtime apps yet"),
+        }
         Ok(TelegramPlatform {
-            bots,
+            bots: RwLock::new(bots),
+            configured,
+            factory,
+            apps: apps.clone(),
             state: crate::state_store(bus).await?,
             files: files::open(bus).await?,
             limiter: RateLimiter::new(config.rate.clone()),
@@ -153,10 +296,71 @@ impl TelegramPlatform {
         })
     }
 
-    fn target(&self, message: &OutboundMessage) -> Result<Target<'_>, DeliveryError> {
-        let client = self.bots.get(&message.app_id).ok_or_else(|| {
-            DeliveryError::Permanent(format!("no bot configured for app {}", message.app_id))
+    /// The bot of `app_id`: configured, or a runtime app (asked from KV
+    /// when the watch has not brought it yet).
+    async fn client(&self, app_id: &str) -> Result<BotClient, DeliveryError> {
+        if let Some(client) = self.read_bots().get(app_id) {
+            return Ok(client.clone());
+        }
+        let record =
+            crate::apps::get(&self.apps, app_id)
+                .await
+                .map_err(|e| DeliveryError::Transient {
+                    reason: format!("cannot look up app {app_id}: {e}"),
+                    retry_after: None,
+                })?;
+        let client = record.and_then(|r| self.factory.client(&r.token)).ok_or_else(|| {
+            DeliveryError::Permanent(format!(
+                "no telegram bot for app {app_id}: not configured, not added (or removed with `harnessgate apps remove`)"
+            ))
         })?;
+        self.write_bots()
+            .entry(app_id.to_owned())
+            .or_insert_with(|| client.clone());
+        Ok(client)
+    }
+
+    fn read_bots(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, BotClient>> {
+        self.bots
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write_bots(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, BotClient>> {
+        self.bots
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Follows the runtime apps until `stop`: added ones can be sent from,
+    /// removed ones no longer.
+    async fn follow_apps(&self, mut apps: AppWatch, stop: CancellationToken) {
+        loop {
+            let event = tokio::select! {
+                () = stop.cancelled() => return,
+                event = apps.next() => event,
+            };
+            match event {
+                AppEvent::Added(record) => {
+                    if self.configured.contains(&record.app_id) {
+                        continue;
+                    }
+                    if let Some(client) = self.factory.client(&record.token) {
+                        tracing::info!(bot = %record.app_id, "runtime telegram app added, sending from it");
+                        self.write_bots().insert(record.app_id, client);
+                    }
+                }
+                AppEvent::Removed(id) => {
+                    if !self.configured.contains(&id) && self.write_bots().remove(&id).is_some() {
+                        tracing::info!(bot = %id, "runtime telegram app removed, its messages are dead-lettered");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn target(&self, message: &OutboundMessage) -> Result<Target, DeliveryError> {
+        let client = self.client(&message.app_id).await?;
         let chat: i64 = message.channel_id.parse().map_err(|_| {
             DeliveryError::Permanent(format!(
                 "channel {:?} is not a telegram chat id",
@@ -182,10 +386,10 @@ impl TelegramPlatform {
     /// the attachments (one with the text as caption when that fits).
     async fn deliver(
         &self,
-        t: &Target<'_>,
+        t: &Target,
         message: &OutboundMessage,
         part: Part<'_>,
-    ) -> Result<Vec<i32>, DeliveryError> {
+    ) -> Result<Delivered, DeliveryError> {
         let last = part.index + 1 == part.count;
         let attachments: &[Attachment] = if last { &message.attachments } else { &[] };
         let caption = last
@@ -202,8 +406,12 @@ impl TelegramPlatform {
         steps.extend((0..attachments.len()).map(Step::File));
         if steps.is_empty() {
             tracing::debug!(outbound = %message.id, "nothing to send");
-            return Ok(Vec::new());
+            return Ok(Delivered {
+                ids: Vec::new(),
+                media: false,
+            });
         }
+        let media = matches!(steps.first(), Some(Step::File(_)));
         let key = format!("{}#{}", message.id, part.index);
         let mut done = self
             .progress
@@ -250,14 +458,14 @@ impl TelegramPlatform {
                 }
             }
         }
-        Ok(done)
+        Ok(Delivered { ids: done, media })
     }
 
     /// `sendMessage` with Telegram HTML; as plain text when Telegram cannot
     /// parse the HTML, and outside the topic when the topic is gone.
     async fn send_text(
         &self,
-        t: &Target<'_>,
+        t: &Target,
         html: &str,
         reply_to: Option<i32>,
         buttons: &[Button],
@@ -301,7 +509,7 @@ impl TelegramPlatform {
     /// changed settings (plain text, no topic), else the error to report.
     fn fallback(
         &self,
-        t: &Target<'_>,
+        t: &Target,
         error: &RequestError,
         formatted: &mut bool,
         thread: &mut Option<i32>,
@@ -320,13 +528,13 @@ impl TelegramPlatform {
         if let RequestError::RetryAfter(wait) = error {
             self.limiter.penalize(&t.client.id, t.chat, wait.duration());
         }
-        Some(api::delivery_error(t.client, error))
+        Some(api::delivery_error(&t.client, error))
     }
 
     /// Sends an attachment as a photo (common image types) or a document.
     async fn send_file(
         &self,
-        t: &Target<'_>,
+        t: &Target,
         attachment: &Attachment,
         caption: Option<&str>,
         reply_to: Option<i32>,
@@ -417,46 +625,83 @@ impl TelegramPlatform {
     }
 
     /// Replaces the text of the messages an earlier outbound became, part
-    /// by part; parts it did not have are sent as new messages.
+    /// by part; parts it did not have are sent as new messages. A photo or
+    /// document gets its caption replaced (`editMessageCaption`); "message
+    /// is not modified" counts as done.
     async fn edit(
         &self,
-        t: &Target<'_>,
+        t: &Target,
         message: &OutboundMessage,
         part: Part<'_>,
-    ) -> Result<Vec<i32>, DeliveryError> {
+    ) -> Result<Delivered, DeliveryError> {
         let map = self.load_map(&message.edit_of).await?;
         let Some(&id) = map.as_ref().and_then(|m| m.parts.get(part.index)) else {
             tracing::debug!(edit_of = %message.edit_of, part = part.index, "no message to edit, sending a new one");
             let fresh = Target {
                 reply_to: None,
-                ..*t
+                ..t.clone()
             };
             return self.deliver(&fresh, message, part).await;
         };
         let chat = map.as_ref().map_or(t.chat, |m| m.chat_id);
+        let mut media = map
+            .as_ref()
+            .and_then(|m| m.media.get(part.index).copied())
+            .unwrap_or(false);
         let keyboard = self.keyboard(part.buttons).await?;
         let mut formatted = true;
         let mut thread = None;
+        // Maps without the media flag: Telegram's answer tells, once.
+        let mut switched = false;
         loop {
+            if media && !CAPTION_LIMIT.fits(part.text) {
+                return Err(DeliveryError::Permanent(format!(
+                    "cannot edit message {id}: it is a photo or document, and the new text is longer than a caption (1024)"
+                )));
+            }
             self.limiter.acquire(&t.client.id, chat).await;
             let text = if formatted {
                 part.text.to_owned()
             } else {
                 hg_text::telegram::html_to_plain(part.text)
             };
-            let mut request = t
-                .client
-                .bot
-                .edit_message_text(ChatId(chat), MessageId(id), text);
-            if formatted {
-                request = request.parse_mode(ParseMode::Html);
-            }
-            if let Some(keyboard) = &keyboard {
-                request = request.reply_markup(keyboard.clone());
-            }
-            match request.await {
+            let sent = if media {
+                let mut request = t
+                    .client
+                    .bot
+                    .edit_message_caption(ChatId(chat), MessageId(id))
+                    .caption(text);
+                if formatted {
+                    request = request.parse_mode(ParseMode::Html);
+                }
+                if let Some(keyboard) = &keyboard {
+                    request = request.reply_markup(keyboard.clone());
+                }
+                request.await
+            } else {
+                let mut request = t
+                    .client
+                    .bot
+                    .edit_message_text(ChatId(chat), MessageId(id), text);
+                if formatted {
+                    request = request.parse_mode(ParseMode::Html);
+                }
+                if let Some(keyboard) = &keyboard {
+                    request = request.reply_markup(keyboard.clone());
+                }
+                request.await
+            };
+            match sent {
                 Ok(_) => break,
                 Err(e) if api::not_modified(&e) => break,
+                Err(e) if !switched && api::wrong_edit_kind(&e) => {
+                    tracing::debug!(
+                        message = id,
+                        "telegram says the other edit method fits, switching"
+                    );
+                    media = !media;
+                    switched = true;
+                }
                 Err(e) => {
                     if let Some(error) = self.fallback(t, &e, &mut formatted, &mut thread) {
                         return Err(error);
@@ -479,7 +724,10 @@ impl TelegramPlatform {
                 }
             }
         }
-        Ok(vec![id])
+        Ok(Delivered {
+            ids: vec![id],
+            media,
+        })
     }
 
     /// An inline keyboard for `buttons`, their actions stored in KV behind
@@ -537,10 +785,10 @@ impl TelegramPlatform {
     /// edited later; an edit's new layout replaces the edited one's.
     async fn remember(
         &self,
-        t: &Target<'_>,
+        t: &Target,
         message: &OutboundMessage,
         part: Part<'_>,
-        ids: &[i32],
+        sent: &Delivered,
     ) {
         let parts = {
             let mut delivered = self.delivered.lock().expect("delivered lock");
@@ -548,8 +796,8 @@ impl TelegramPlatform {
             if part.index == 0 {
                 entry.clear();
             }
-            if let Some(&first) = ids.first() {
-                entry.push(first);
+            if let Some(&first) = sent.ids.first() {
+                entry.push((first, sent.media));
             }
             let parts = entry.clone();
             if part.index + 1 == part.count {
@@ -559,7 +807,8 @@ impl TelegramPlatform {
         };
         let map = MessageMap {
             chat_id: t.chat,
-            parts,
+            parts: parts.iter().map(|(id, _)| *id).collect(),
+            media: parts.iter().map(|(_, media)| *media).collect(),
         };
         let bytes: bytes::Bytes = serde_json::to_vec(&map).unwrap_or_default().into();
         let mut keys = vec![map_key(&message.id)];
@@ -596,7 +845,7 @@ impl TelegramPlatform {
 
     /// Shows "typing…" now, then keeps refreshing it from a task until the
     /// reply, a stop, or [`TYPING_MAX`].
-    async fn typing_on(&self, t: &Target<'_>, message: &OutboundMessage) {
+    async fn typing_on(&self, t: &Target, message: &OutboundMessage) {
         let key = Self::chat_key(message);
         let generation = self
             .typing_generation
@@ -680,24 +929,29 @@ impl Platform for TelegramPlatform {
         message: &OutboundMessage,
         part: Part<'_>,
     ) -> Result<String, DeliveryError> {
-        let t = self.target(message)?;
+        let t = self.target(message).await?;
         let kind = message.kind();
         if part.index == 0 && kind != OutboundKind::Edit {
             // The answer is here: "typing…" ends.
             self.typing_off(message);
         }
-        let ids = if kind == OutboundKind::Edit && !message.edit_of.is_empty() {
+        let delivered = if kind == OutboundKind::Edit && !message.edit_of.is_empty() {
             self.edit(&t, message, part).await?
         } else {
             self.deliver(&t, message, part).await?
         };
-        self.remember(&t, message, part, &ids).await;
-        Ok(ids.iter().map(i32::to_string).collect::<Vec<_>>().join(","))
+        self.remember(&t, message, part, &delivered).await;
+        Ok(delivered
+            .ids
+            .iter()
+            .map(i32::to_string)
+            .collect::<Vec<_>>()
+            .join(","))
     }
 
     async fn typing(&self, message: &OutboundMessage, on: bool) -> Result<(), DeliveryError> {
         if on {
-            let t = self.target(message)?;
+            let t = self.target(message).await?;
             self.typing_on(&t, message).await;
         } else {
             self.typing_off(message);

@@ -7,9 +7,9 @@
 //! publish carries `Nats-Msg-Id` = `telegram:<bot id>:<update id>`, so an
 //! update fetched again after a crash is dropped as a duplicate.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
@@ -26,11 +26,12 @@ use subtle::ConstantTimeEq;
 use teloxide_core::RequestError;
 use teloxide_core::payloads::{AnswerCallbackQuerySetters, GetUpdatesSetters, SetWebhookSetters};
 use teloxide_core::prelude::Requester;
-use teloxide_core::types::{AllowedUpdate, CallbackQueryId, Update};
+use teloxide_core::types::{AllowedUpdate, CallbackQueryId, Update, UpdateKind};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{self, BotClient};
+use crate::api::{self, BotClient, ClientFactory};
+use crate::apps::{AppEvent, AppWatch};
 use crate::config::{Mode, TelegramConfig};
 use crate::egress::ButtonRecord;
 use crate::files::{self, FetchError};
@@ -45,6 +46,9 @@ const EXPIRED_BUTTON: &str = "This button is no longer active.";
 
 /// Tries of an update before a file that cannot be downloaded is given up.
 const FILE_ATTEMPTS: u32 = 4;
+
+/// How often `getUpdates` is asked again while an album collects parts.
+const ALBUM_RECHECK: Duration = Duration::from_millis(100);
 
 /// The updates the ingress asks for.
 const ALLOWED: [AllowedUpdate; 5] = [
@@ -67,7 +71,9 @@ pub(crate) async fn run(
     bus: Bus,
     shutdown: CancellationToken,
 ) -> Result<(), TelegramError> {
-    let clients = BotClient::all(&config)?;
+    let factory = ClientFactory::new(&config.api_url)?;
+    let clients = BotClient::all(&factory, &config)?;
+    let apps = AppWatch::open(&bus).await?;
     let ingress = Arc::new(Ingress {
         state: crate::state_store(&bus).await?,
         files: files::open(&bus).await?,
@@ -75,42 +81,123 @@ pub(crate) async fn run(
         config,
     });
     match ingress.config.mode {
-        Mode::Polling => ingress.poll_all(clients, shutdown).await,
-        Mode::Webhook => ingress.serve_webhook(clients, shutdown).await,
+        Mode::Polling => ingress.poll_all(clients, factory, apps, shutdown).await,
+        Mode::Webhook => {
+            ingress
+                .serve_webhook(clients, factory, apps, shutdown)
+                .await
+        }
     }
 }
 
+/// Where a polled bot comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// `telegram.bots`: a bot Telegram refuses stops the ingress.
+    Config,
+    /// `hg_apps`: a bot Telegram refuses is only logged.
+    Runtime,
+}
+
+/// A runtime app being polled: its token, its stop switch, and a number
+/// that tells its task apart from an earlier one of the same app.
+struct RuntimeBot {
+    token: String,
+    stop: CancellationToken,
+    generation: u64,
+}
+
 impl Ingress {
-    /// Polls every bot whose lease this replica gets, until `shutdown`. A bot
-    /// Telegram refuses stops the ingress.
+    /// Polls every bot whose lease this replica gets, until `shutdown`:
+    /// the configured ones, and the runtime apps as they are added and
+    /// removed. A configured bot Telegram refuses stops the ingress.
     async fn poll_all(
         self: Arc<Self>,
         clients: Vec<BotClient>,
+        factory: ClientFactory,
+        mut apps: AppWatch,
         shutdown: CancellationToken,
     ) -> Result<(), TelegramError> {
         let owner = format!("telegram-ingress-{}", uuid::Uuid::new_v4().simple());
         let leases = Lease::open(&self.bus, LEASE_BUCKET, self.config.lease_ttl, &owner).await?;
         let stop = shutdown.child_token();
         let mut bots = JoinSet::new();
-        for client in clients {
+        let spawn = |bots: &mut JoinSet<_>,
+                     client: BotClient,
+                     source: Source,
+                     generation: u64,
+                     stop: CancellationToken| {
             let ingress = Arc::clone(&self);
             let leases = leases.clone();
-            let stop = stop.clone();
-            bots.spawn(async move { ingress.poll_bot(client, leases, stop).await });
+            bots.spawn(async move {
+                let id = client.id.clone();
+                let result = ingress.poll_bot(client, leases, stop).await;
+                (id, source, generation, result)
+            });
+        };
+        let configured: HashSet<String> = clients.iter().map(|c| c.id.clone()).collect();
+        for client in clients {
+            spawn(&mut bots, client, Source::Config, 0, stop.clone());
         }
+        let mut runtime: HashMap<String, RuntimeBot> = HashMap::new();
+        let mut generation = 0;
         tracing::info!(bots = bots.len(), owner = %owner, "telegram ingress started (polling)");
         let mut result = Ok(());
-        while let Some(done) = bots.join_next().await {
-            let outcome = match done {
-                Ok(outcome) => outcome,
-                Err(e) => Err(TelegramError::Task(e.to_string())),
-            };
-            if let Err(e) = outcome
-                && result.is_ok()
-            {
-                tracing::error!(error = %e, "telegram ingress stopping");
-                stop.cancel();
-                result = Err(e);
+        loop {
+            if stop.is_cancelled() && bots.is_empty() {
+                break;
+            }
+            tokio::select! {
+                Some(done) = bots.join_next(), if !bots.is_empty() => {
+                    let (id, source, ended, outcome) = match done {
+                        Ok(done) => done,
+                        Err(e) => (String::new(), Source::Config, 0, Err(TelegramError::Task(e.to_string()))),
+                    };
+                    if source == Source::Runtime {
+                        if runtime.get(&id).is_some_and(|bot| bot.generation == ended) {
+                            runtime.remove(&id);
+                        }
+                        if let Err(e) = outcome {
+                            tracing::error!(bot = %id, error = %e, "runtime telegram app stopped; fix or remove it");
+                        }
+                    } else if let Err(e) = outcome
+                        && result.is_ok()
+                    {
+                        tracing::error!(error = %e, "telegram ingress stopping");
+                        stop.cancel();
+                        result = Err(e);
+                    }
+                }
+                event = apps.next(), if !stop.is_cancelled() => match event {
+                    AppEvent::Added(record) => {
+                        if configured.contains(&record.app_id) {
+                            tracing::debug!(bot = %record.app_id, "runtime app is configured already");
+                            continue;
+                        }
+                        if runtime.get(&record.app_id).is_some_and(|bot| bot.token == record.token) {
+                            continue;
+                        }
+                        let Some(client) = factory.client(&record.token) else {
+                            tracing::warn!(bot = %record.app_id, "runtime app has no valid token, ignoring it");
+                            continue;
+                        };
+                        if let Some(old) = runtime.remove(&record.app_id) {
+                            old.stop.cancel();
+                        }
+                        generation += 1;
+                        let bot_stop = stop.child_token();
+                        tracing::info!(bot = %record.app_id, "runtime telegram app added, polling it");
+                        spawn(&mut bots, client, Source::Runtime, generation, bot_stop.clone());
+                        runtime.insert(record.app_id, RuntimeBot { token: record.token, stop: bot_stop, generation });
+                    }
+                    AppEvent::Removed(id) => {
+                        if let Some(bot) = runtime.remove(&id) {
+                            tracing::info!(bot = %id, "runtime telegram app removed, polling stops");
+                            bot.stop.cancel();
+                        }
+                    }
+                },
+                () = stop.cancelled(), if bots.is_empty() => {}
             }
         }
         tracing::info!("telegram ingress stopped");
@@ -157,27 +244,7 @@ impl Ingress {
         tracing::info!(bot = %me.id, "polling lease taken, polling");
         metrics::counter!("hg_telegram_lease_acquired_total").increment(1);
         let revision = AtomicU64::new(revision);
-        let ttl = leases.ttl();
-        let renew = async {
-            let mut last_ok = tokio::time::Instant::now();
-            loop {
-                tokio::time::sleep(ttl / 3).await;
-                match leases.acquire(key).await.map(|claim| claim.revision()) {
-                    Ok(Some(r)) => {
-                        revision.store(r, Ordering::Relaxed);
-                        last_ok = tokio::time::Instant::now();
-                    }
-                    Ok(None) => return,
-                    Err(e) => {
-                        tracing::warn!(bot = %me.id, error = %e, "cannot renew the polling lease");
-                        // Past two thirds of the ttl it may have passed on.
-                        if last_ok.elapsed() >= ttl * 2 / 3 {
-                            return;
-                        }
-                    }
-                }
-            }
-        };
+        let renew = crate::hold_lease(leases, key, &revision);
         let result = tokio::select! {
             result = self.poll(client, me, stop) => result,
             () = renew => {
@@ -213,6 +280,8 @@ impl Ingress {
         let mut backoff = Duration::from_millis(500);
         // Failed tries of the update at the head of the stream.
         let mut head_failures: (u32, u32) = (0, 0);
+        // The album waiting for more parts, and until when.
+        let mut album: Option<(String, tokio::time::Instant)> = None;
         loop {
             let mut request = client
                 .bot
@@ -231,26 +300,77 @@ impl Ingress {
                     backoff = Duration::from_millis(500);
                     let before = offset;
                     let mut failed = false;
-                    for update in updates {
+                    let mut waiting = false;
+                    let mut i = 0;
+                    while i < updates.len() {
                         if stop.is_cancelled() {
                             break;
                         }
-                        let next = i32::try_from(u64::from(update.id.0) + 1).unwrap_or(i32::MAX);
-                        let attempt = if head_failures.0 == update.id.0 {
+                        // An album: its parts are consecutive updates.
+                        let group = media_group(&updates[i]);
+                        let end = match &group {
+                            Some(group) => {
+                                i + updates[i..]
+                                    .iter()
+                                    .take_while(|u| media_group(u).as_ref() == Some(group))
+                                    .count()
+                            }
+                            None => i + 1,
+                        };
+                        if let Some(group) = &group
+                            && end == updates.len()
+                        {
+                            // More parts may follow: wait for them (without
+                            // confirming anything) until the window is over.
+                            let now = tokio::time::Instant::now();
+                            let deadline = match &album {
+                                Some((g, deadline)) if g == group => *deadline,
+                                _ => {
+                                    let deadline = now + self.config.album_window;
+                                    album = Some((group.clone(), deadline));
+                                    deadline
+                                }
+                            };
+                            if now < deadline {
+                                waiting = true;
+                                break;
+                            }
+                        }
+                        let parts = &updates[i..end];
+                        let head = parts[0].id.0;
+                        let last = parts[parts.len() - 1].id.0;
+                        let next = i32::try_from(u64::from(last) + 1).unwrap_or(i32::MAX);
+                        let attempt = if head_failures.0 == head {
                             head_failures.1 + 1
                         } else {
                             1
                         };
-                        match self.handle_update(client, me, &update, attempt).await {
-                            Ok(()) => offset = Some(next),
+                        let handled = if group.is_some() {
+                            self.handle_album(client, me, parts, attempt).await
+                        } else {
+                            self.handle_update(client, me, &parts[0], attempt).await
+                        };
+                        match handled {
+                            Ok(()) => {
+                                offset = Some(next);
+                                if group.is_some() {
+                                    album = None;
+                                }
+                                i = end;
+                            }
                             Err(reason) => {
-                                head_failures = (update.id.0, attempt);
+                                head_failures = (head, attempt);
                                 // Not confirmed: the next getUpdates brings it again.
-                                tracing::warn!(bot = %me.id, update = update.id.0, reason = %reason, "update not processed, retrying");
+                                tracing::warn!(bot = %me.id, update = head, reason = %reason, "update not processed, retrying");
                                 failed = true;
                                 break;
                             }
                         }
+                    }
+                    if waiting {
+                        // Telegram answers at once while updates are
+                        // unconfirmed: ask again shortly.
+                        sleep_or_stop(ALBUM_RECHECK, stop).await;
                     }
                     // Once per batch: Telegram keeps the confirmed offset
                     // too, and the duplicate window covers a lost write.
@@ -393,6 +513,81 @@ impl Ingress {
         }
     }
 
+    /// Publishes the parts of an album (updates sharing a `media_group_id`)
+    /// as one message: the first part's ids and sender, the caption, every
+    /// part's files. In a group, the album is for the bot when any part is
+    /// (the caption carries the mention). Same contract as
+    /// [`Ingress::handle_update`]; the message id is the first part's.
+    async fn handle_album(
+        &self,
+        client: &BotClient,
+        me: &Identity,
+        parts: &[Update],
+        attempt: u32,
+    ) -> Result<(), String> {
+        let Some(head) = parts.first() else {
+            return Ok(());
+        };
+        if parts.len() == 1 {
+            return self.handle_update(client, me, head, attempt).await;
+        }
+        let mut normalized: Vec<Normalized> = parts
+            .iter()
+            .map(|u| normalize(u, me, &self.config))
+            .collect();
+        let addressed = normalized
+            .iter()
+            .any(|n| matches!(n, Normalized::Message { .. }));
+        if !addressed {
+            tracing::debug!(bot = %me.id, update = head.id.0, parts = parts.len(), "album skipped");
+            metrics::counter!("hg_telegram_updates_total", "outcome" => "skipped").increment(1);
+            return Ok(());
+        }
+        if normalized.iter().any(|n| matches!(n, Normalized::Skip(_))) {
+            let everything = TelegramConfig {
+                group_trigger: crate::config::GroupTrigger::All,
+                ..self.config.clone()
+            };
+            normalized = parts
+                .iter()
+                .map(|u| normalize(u, me, &everything))
+                .collect();
+        }
+        let mut combined: Option<InboundMessage> = None;
+        let mut too_large = Vec::new();
+        for n in normalized {
+            let Normalized::Message { inbound, files } = n else {
+                continue;
+            };
+            let target = combined.get_or_insert_with(|| InboundMessage {
+                text: String::new(),
+                ..(*inbound).clone()
+            });
+            if target.text.is_empty() && !inbound.text.is_empty() {
+                target.text = inbound.text.clone();
+            }
+            too_large.extend(
+                self.fetch_files(client, me, &files, target, attempt)
+                    .await?,
+            );
+        }
+        let Some(mut inbound) = combined else {
+            return Ok(());
+        };
+        inbound
+            .metadata
+            .insert("album_parts".into(), parts.len().to_string());
+        let msg_id = format!("{PLATFORM}:{}:{}", me.id, head.id.0);
+        let subject = subject::inbound(PLATFORM, &me.app_id());
+        if !inbound.text.is_empty() || !inbound.attachments.is_empty() {
+            self.publish(&subject, &inbound, &msg_id).await?;
+        }
+        if !too_large.is_empty() {
+            self.notify_too_large(&inbound, &too_large, &msg_id).await?;
+        }
+        Ok(())
+    }
+
     async fn publish(
         &self,
         subject: &str,
@@ -517,10 +712,13 @@ impl Ingress {
             .map_err(|e| e.to_string())
     }
 
-    /// Serves Telegram's webhook calls until `shutdown`.
+    /// Serves Telegram's webhook calls until `shutdown`, for the configured
+    /// bots and the runtime apps as they come and go.
     async fn serve_webhook(
         self: Arc<Self>,
         clients: Vec<BotClient>,
+        factory: ClientFactory,
+        mut apps: AppWatch,
         shutdown: CancellationToken,
     ) -> Result<(), TelegramError> {
         let webhook = self.config.webhook.clone();
@@ -534,6 +732,8 @@ impl Ingress {
             }
             bots.insert(me.app_id(), (client, me));
         }
+        let configured: HashSet<String> = bots.keys().cloned().collect();
+        let bots = Arc::new(RwLock::new(bots));
         let listener = tokio::net::TcpListener::bind(&webhook.listen)
             .await
             .map_err(|e| {
@@ -541,28 +741,192 @@ impl Ingress {
             })?;
         let state = WebhookState {
             ingress: self,
-            bots: Arc::new(bots),
+            bots: Arc::clone(&bots),
             secret: Arc::from(webhook.secret_token.as_str()),
+            albums: Arc::default(),
         };
         let app = Router::new()
             .route("/telegram/{bot_id}", post(receive))
             .route("/healthz", get(|| async { "ok" }))
             .with_state(state);
         tracing::info!(listen = %webhook.listen, "telegram ingress started (webhook)");
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
-            .map_err(|e| TelegramError::Webhook(e.to_string()))?;
+        // Runtime apps: identified and registered as they are added.
+        let follow = async {
+            loop {
+                match apps.next().await {
+                    AppEvent::Added(record) => {
+                        if configured.contains(&record.app_id) {
+                            continue;
+                        }
+                        let known = read(&bots)
+                            .get(&record.app_id)
+                            .is_some_and(|(c, _)| c.bot.token() == record.token);
+                        let Some(client) = factory.client(&record.token).filter(|_| !known) else {
+                            continue;
+                        };
+                        match identify(&client, &shutdown).await {
+                            Ok(Some(me)) => {
+                                if !webhook.public_url.is_empty() {
+                                    register_webhook(
+                                        &client,
+                                        &me,
+                                        &webhook.public_url,
+                                        &webhook.secret_token,
+                                    )
+                                    .await;
+                                }
+                                tracing::info!(bot = %me.id, "runtime telegram app added, serving its webhook");
+                                write(&bots).insert(me.app_id(), (client, me));
+                            }
+                            Ok(None) => return,
+                            Err(e) => {
+                                tracing::error!(bot = %record.app_id, error = %e, "runtime telegram app refused; fix or remove it")
+                            }
+                        }
+                    }
+                    AppEvent::Removed(id) => {
+                        if configured.contains(&id) {
+                            continue;
+                        }
+                        let removed = write(&bots).remove(&id);
+                        if let Some((client, _)) = removed {
+                            tracing::info!(bot = %id, "runtime telegram app removed, its webhook calls are refused");
+                            if !webhook.public_url.is_empty()
+                                && let Err(e) = client.bot.delete_webhook().await
+                            {
+                                tracing::debug!(bot = %id, error = %client.describe(&e), "deleteWebhook failed");
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        let serve =
+            axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let served = tokio::select! {
+            served = serve => served,
+            () = follow => Ok(()),
+        };
+        served.map_err(|e| TelegramError::Webhook(e.to_string()))?;
         tracing::info!("telegram ingress stopped");
         Ok(())
     }
 }
 
+/// The webhook's bots by app id.
+type WebhookBots = Arc<RwLock<HashMap<String, (BotClient, Identity)>>>;
+
+fn read(
+    bots: &WebhookBots,
+) -> std::sync::RwLockReadGuard<'_, HashMap<String, (BotClient, Identity)>> {
+    bots.read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write(
+    bots: &WebhookBots,
+) -> std::sync::RwLockWriteGuard<'_, HashMap<String, (BotClient, Identity)>> {
+    bots.write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[derive(Clone)]
 struct WebhookState {
     ingress: Arc<Ingress>,
-    bots: Arc<HashMap<String, (BotClient, Identity)>>,
+    bots: WebhookBots,
     secret: Arc<str>,
+    albums: Arc<Mutex<HashMap<(String, String), AlbumSlot>>>,
+}
+
+/// An album being collected from webhook calls: its parts so far, and
+/// where the outcome is announced to the calls waiting for it.
+struct AlbumSlot {
+    parts: Vec<Update>,
+    done: tokio::sync::watch::Sender<Option<bool>>,
+}
+
+/// Removes the album's slot when its first call ends, however it ends, so
+/// the other calls never wait for an outcome that cannot come.
+struct SlotGuard<'a> {
+    albums: &'a Mutex<HashMap<(String, String), AlbumSlot>>,
+    key: (String, String),
+}
+
+impl SlotGuard<'_> {
+    fn take(&self) -> Option<AlbumSlot> {
+        self.albums
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.key)
+    }
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.take());
+    }
+}
+
+/// One part of an album, by webhook: the first call collects the parts
+/// arriving within `album_window`, publishes them as one message and
+/// answers every call with the outcome (an error makes Telegram retry each
+/// part), so no part is acknowledged before the message is stored.
+async fn receive_album_part(
+    state: &WebhookState,
+    client: BotClient,
+    me: Identity,
+    group: String,
+    update: Update,
+) -> StatusCode {
+    let key = (me.app_id(), group);
+    let (first, mut outcome) = {
+        let mut albums = state
+            .albums
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match albums.get_mut(&key) {
+            Some(slot) => {
+                slot.parts.push(update);
+                (false, slot.done.subscribe())
+            }
+            None => {
+                let (done, outcome) = tokio::sync::watch::channel(None);
+                albums.insert(
+                    key.clone(),
+                    AlbumSlot {
+                        parts: vec![update],
+                        done,
+                    },
+                );
+                (true, outcome)
+            }
+        }
+    };
+    if !first {
+        return match outcome.wait_for(Option::is_some).await.map(|v| *v) {
+            Ok(Some(true)) => StatusCode::OK,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+    }
+    let guard = SlotGuard {
+        albums: &state.albums,
+        key,
+    };
+    tokio::time::sleep(state.ingress.config.album_window).await;
+    let Some(slot) = guard.take() else {
+        return StatusCode::INTERNAL_SERVER_ERROR;
+    };
+    let mut parts = slot.parts;
+    parts.sort_by_key(|u| u.id.0);
+    let handled = state.ingress.handle_album(&client, &me, &parts, 1).await;
+    let _ = slot.done.send(Some(handled.is_ok()));
+    match handled {
+        Ok(()) => StatusCode::OK,
+        Err(reason) => {
+            tracing::warn!(bot = %me.id, parts = parts.len(), reason = %reason, "album not processed, telegram will retry");
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+    }
 }
 
 /// One update from Telegram: published before it is acknowledged, so a
@@ -582,7 +946,7 @@ async fn receive(
         tracing::warn!(bot = %bot_id, "webhook call without the right secret token");
         return StatusCode::UNAUTHORIZED;
     }
-    let Some((client, me)) = state.bots.get(&bot_id) else {
+    let Some((client, me)) = read(&state.bots).get(&bot_id).cloned() else {
         return StatusCode::NOT_FOUND;
     };
     let update: Update = match serde_json::from_slice(&body) {
@@ -592,8 +956,11 @@ async fn receive(
             return StatusCode::BAD_REQUEST;
         }
     };
+    if let Some(group) = media_group(&update) {
+        return receive_album_part(&state, client, me, group, update).await;
+    }
     // Telegram's own retries of a webhook call are not counted.
-    match state.ingress.handle_update(client, me, &update, 1).await {
+    match state.ingress.handle_update(&client, &me, &update, 1).await {
         Ok(()) => StatusCode::OK,
         Err(reason) => {
             tracing::warn!(bot = %bot_id, update = update.id.0, reason = %reason, "update not processed, telegram will retry");
@@ -655,6 +1022,16 @@ async fn identify(
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
+    }
+}
+
+/// The album a new message belongs to, if any (edits are never combined).
+fn media_group(update: &Update) -> Option<String> {
+    match &update.kind {
+        UpdateKind::Message(m) | UpdateKind::ChannelPost(m) => {
+            m.media_group_id().map(|g| g.0.clone())
+        }
+        _ => None,
     }
 }
 

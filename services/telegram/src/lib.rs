@@ -20,10 +20,15 @@
 //! Telegram-side state shared by replicas lives in the KV bucket
 //! `hg_telegram`: polling offsets, button actions behind short callback
 //! data, and which Telegram messages an outbound became (for edits).
+//!
+//! Bots come from the configuration file and from the KV bucket `hg_apps`
+//! ([`apps`], filled by `harnessgate apps add telegram`); running replicas
+//! pick up added and removed apps without a restart.
 
 #![warn(missing_docs)]
 
 mod api;
+pub mod apps;
 pub mod config;
 mod egress;
 mod files;
@@ -78,8 +83,8 @@ pub enum TelegramError {
     Egress(#[from] hg_egress::EgressError),
 }
 
-/// Runs the Telegram ingress for every configured bot until `shutdown`
-/// fires.
+/// Runs the Telegram ingress for every configured bot, and every bot added
+/// at runtime, until `shutdown` fires.
 pub async fn run_ingress(
     config: TelegramConfig,
     bus: Bus,
@@ -105,6 +110,35 @@ async fn state_store(bus: &Bus) -> Result<async_nats::jetstream::kv::Store, BusE
     let mut config = hg_bus::kv_config(STATE_BUCKET, "telegram offsets, buttons and message maps");
     config.max_age = STATE_MAX_AGE;
     bus.kv(config).await
+}
+
+/// Keeps the lease on `key` (taken at `revision`) by renewing it every
+/// third of its ttl, storing each new revision; returns once it is lost:
+/// another owner has it, or renewals failed for two thirds of the ttl (it
+/// may have passed on by then).
+async fn hold_lease(
+    leases: &hg_bus::lease::Lease,
+    key: &str,
+    revision: &std::sync::atomic::AtomicU64,
+) {
+    let ttl = leases.ttl();
+    let mut last_ok = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(ttl / 3).await;
+        match leases.acquire(key).await.map(|claim| claim.revision()) {
+            Ok(Some(r)) => {
+                revision.store(r, std::sync::atomic::Ordering::Relaxed);
+                last_ok = tokio::time::Instant::now();
+            }
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(lease = key, error = %e, "cannot renew a lease");
+                if last_ok.elapsed() >= ttl * 2 / 3 {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// A KV error as a bus error.

@@ -17,14 +17,18 @@
 //! - `setWebhook` registers a URL and secret: pushed updates are then
 //!   POSTed there with `X-Telegram-Bot-Api-Secret-Token`, retried until
 //!   answered 2xx. `deleteWebhook`, `getWebhookInfo`.
-//! - `sendMessage`, `editMessageText`, `sendPhoto`, `sendDocument` validate
+//! - `sendMessage`, `editMessageText`, `editMessageCaption`, `sendPhoto`,
+//!   `sendDocument` validate
 //!   like the Bot API: HTML parse mode ([`parse_html`]; "Bad Request: can't
 //!   parse entities: …"), text 1-4096 UTF-16 units after parsing ("message is
 //!   too long", "message text is empty"), captions ≤ 1024, `callback_data`
 //!   1-64 bytes (`BUTTON_DATA_INVALID`), `message_thread_id` only for topics
 //!   registered with [`FakeTelegram::add_topic`] ("Bad Request: message
 //!   thread not found"), an identical edit ("Bad Request: message is not
-//!   modified: …").
+//!   modified: …"), `editMessageText` of a photo or document ("Bad
+//!   Request: there is no text in the message to edit") and
+//!   `editMessageCaption` of a text message ("… there is no caption in the
+//!   message to edit").
 //! - `sendChatAction`, `answerCallbackQuery`, `deleteMessage` answer `true`.
 //! - `getFile` → `{file_id, file_unique_id, file_size, file_path}`; the
 //!   content is served at `GET /file/bot<token>/<file_path>`.
@@ -79,7 +83,10 @@ pub struct Call {
 /// A message a bot sent (or edited), as accepted.
 #[derive(Debug, Clone)]
 pub struct Sent {
-    /// `sendmessage`, `editmessagetext`, `sendphoto` or `senddocument`.
+    /// The bot that sent it.
+    pub bot: i64,
+    /// `sendmessage`, `editmessagetext`, `editmessagecaption`, `sendphoto`
+    /// or `senddocument`.
     pub method: String,
     pub chat_id: i64,
     pub message_id: i64,
@@ -96,6 +103,21 @@ pub struct Sent {
     /// The Message object returned, e.g. to put in a callback query.
     pub json: Value,
     pub at: Instant,
+}
+
+/// Telegram's flood limits, to check sent messages against
+/// ([`FakeTelegram::flood_violations`]).
+#[derive(Debug, Clone)]
+pub struct FloodLimits {
+    /// Least time between two messages to one chat.
+    pub per_chat: Duration,
+    /// Most messages of one bot within any second.
+    pub per_bot_per_second: usize,
+    /// Most messages to one group (negative chat id) within any minute.
+    pub per_group_per_minute: usize,
+    /// Tolerance for network jitter: gaps are shortened and windows
+    /// narrowed by this much.
+    pub slack: Duration,
 }
 
 /// An update pushed to a bot.
@@ -128,8 +150,10 @@ struct State {
     bots: HashMap<String, Bot>,
     calls: Vec<Call>,
     sent: Vec<Sent>,
-    /// Current text and markup of every message, for edits.
+    /// Current text (or caption) and markup of every message, for edits.
     messages: HashMap<(i64, i64), (String, Option<Value>)>,
+    /// Messages that are photos or documents (edited by caption).
+    media: HashSet<(i64, i64)>,
     chats: HashMap<i64, Value>,
     next_message: HashMap<i64, i64>,
     topics: HashSet<(i64, i64)>,
@@ -340,6 +364,52 @@ impl FakeTelegram {
         lock(&self.shared).sent.clone()
     }
 
+    /// Where the accepted sends and edits broke `limits`, one line each;
+    /// empty when they kept to them.
+    pub fn flood_violations(&self, limits: &FloodLimits) -> Vec<String> {
+        let sent = self.sent();
+        let mut violations = Vec::new();
+        let mut chats: HashMap<(i64, i64), Vec<Instant>> = HashMap::new();
+        let mut bots: HashMap<i64, Vec<Instant>> = HashMap::new();
+        for m in &sent {
+            chats.entry((m.bot, m.chat_id)).or_default().push(m.at);
+            bots.entry(m.bot).or_default().push(m.at);
+        }
+        let min_gap = limits.per_chat.saturating_sub(limits.slack);
+        for ((bot, chat), times) in &chats {
+            for pair in times.windows(2) {
+                let gap = pair[1].duration_since(pair[0]);
+                if gap < min_gap {
+                    violations.push(format!(
+                        "bot {bot} chat {chat}: two messages {gap:?} apart (limit {:?})",
+                        limits.per_chat
+                    ));
+                }
+            }
+            let budget = limits.per_group_per_minute;
+            if *chat < 0 && budget > 0 {
+                let window = Duration::from_secs(60).saturating_sub(limits.slack);
+                if let Some(n) = most_within(times, window).filter(|&n| n > budget) {
+                    violations.push(format!(
+                        "bot {bot} group {chat}: {n} messages within a minute (limit {budget})"
+                    ));
+                }
+            }
+        }
+        let budget = limits.per_bot_per_second;
+        if budget > 0 {
+            let window = Duration::from_secs(1).saturating_sub(limits.slack);
+            for (bot, times) in &bots {
+                if let Some(n) = most_within(times, window).filter(|&n| n > budget) {
+                    violations.push(format!(
+                        "bot {bot}: {n} messages within a second (limit {budget})"
+                    ));
+                }
+            }
+        }
+        violations
+    }
+
     /// Messages sent to `chat_id`.
     pub fn sent_to(&self, chat_id: i64) -> Vec<Sent> {
         self.sent()
@@ -428,6 +498,19 @@ impl Drop for FakeTelegram {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The most of `times` (in order) that fall within one `window`.
+fn most_within(times: &[Instant], window: Duration) -> Option<usize> {
+    let mut most = None;
+    let mut start = 0;
+    for (end, &t) in times.iter().enumerate() {
+        while t.duration_since(times[start]) >= window {
+            start += 1;
+        }
+        most = most.max(Some(end - start + 1));
+    }
+    most
 }
 
 /// A user, as in `from` fields.

@@ -300,23 +300,41 @@ fn dispatch(
                 fields,
             ))
         }
-        "editmessagetext" => {
+        "editmessagetext" | "editmessagecaption" => {
+            let caption = method == "editmessagecaption";
             let chat = chat_id(p)?;
             let message_id = int(&p["message_id"])
                 .ok_or_else(|| bad("Bad Request: message identifier is not specified"))?;
-            let text = p["text"].as_str().unwrap_or("").to_owned();
+            let field = if caption { "caption" } else { "text" };
+            let text = p[field].as_str().unwrap_or("").to_owned();
             let parse_mode = p["parse_mode"].as_str().map(str::to_owned);
             let visible = visible(state, &text, parse_mode.as_deref())?;
-            if visible.trim().is_empty() {
-                return Err(bad("Bad Request: message text is empty"));
-            }
-            if utf16(&visible) > 4096 {
-                return Err(bad("Bad Request: MESSAGE_TOO_LONG"));
+            if caption {
+                if utf16(&visible) > 1024 {
+                    return Err(bad("Bad Request: message caption is too long"));
+                }
+            } else {
+                if visible.trim().is_empty() {
+                    return Err(bad("Bad Request: message text is empty"));
+                }
+                if utf16(&visible) > 4096 {
+                    return Err(bad("Bad Request: MESSAGE_TOO_LONG"));
+                }
             }
             let markup = markup(p)?;
             let Some(current) = state.messages.get(&(chat, message_id)) else {
                 return Err(bad("Bad Request: message to edit not found"));
             };
+            // Photos and documents have a caption, not a text.
+            let media = state.media.contains(&(chat, message_id));
+            if media && !caption {
+                return Err(bad("Bad Request: there is no text in the message to edit"));
+            }
+            if !media && caption {
+                return Err(bad(
+                    "Bad Request: there is no caption in the message to edit",
+                ));
+            }
             if current.0 == visible && current.1 == markup {
                 return Err(bad(
                     "Bad Request: message is not modified: specified new message content and reply markup are exactly the same as a current content and reply markup of the message",
@@ -331,11 +349,12 @@ fn dispatch(
                 chat,
                 message_id,
                 None,
-                json!({ "text": visible }),
+                json!({ field: visible }),
             );
             json["edit_date"] = json!(unix_now());
             state.sent.push(Sent {
-                method: "editmessagetext".into(),
+                bot: bot.id,
+                method: method.to_owned(),
                 chat_id: chat,
                 message_id,
                 text,
@@ -479,7 +498,11 @@ fn store(
     state
         .messages
         .insert((chat, message_id), (visible.clone(), markup.clone()));
+    if file.is_some() {
+        state.media.insert((chat, message_id));
+    }
     state.sent.push(Sent {
+        bot: bot.id,
         method: method.to_owned(),
         chat_id: chat,
         message_id,

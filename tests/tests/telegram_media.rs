@@ -1,0 +1,282 @@
+//! Telegram media end to end: captions of sent photos are edited with
+//! `editMessageCaption`, and an album (several updates sharing a
+//! `media_group_id`) reaches the bridge as one message.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use hg_bus::Bus;
+use hg_e2e::{Stack, dead_letters};
+use hg_egress::EgressConfig;
+use hg_proto::{
+    Attachment, DeliveryReceipt, InboundMessage, OutboundKind, OutboundMessage, subject,
+};
+use hg_telegram::{BotConfig, RateConfig, TelegramConfig};
+use hg_testkit::fake_telegram::{FakeTelegram, private_chat, user};
+use serde_json::json;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(30);
+const BOT_ID: i64 = 3001;
+
+struct Running {
+    stop: CancellationToken,
+    handle: JoinHandle<()>,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.handle).await;
+    }
+}
+
+async fn egress(stack: &Stack, config: TelegramConfig) -> Running {
+    let bus = stack.connect().await;
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let handle = tokio::spawn(async move {
+        if let Err(e) = hg_telegram::run_egress(config, bus, token).await {
+            panic!("telegram egress failed: {e}");
+        }
+    });
+    Running { stop, handle }
+}
+
+fn config(fake: &FakeTelegram, token: &str) -> TelegramConfig {
+    TelegramConfig {
+        api_url: fake.api_url(),
+        bots: vec![BotConfig {
+            token: token.to_owned(),
+        }],
+        poll_timeout: Duration::from_secs(1),
+        lease_ttl: Duration::from_secs(1),
+        egress: EgressConfig {
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(500),
+            ..EgressConfig::default()
+        },
+        rate: RateConfig {
+            per_chat: Duration::ZERO,
+            per_group_per_minute: 0,
+            per_bot_per_second: 0,
+        },
+        ..TelegramConfig::default()
+    }
+}
+
+async fn collect<M: hg_proto::BusMessage + Send + 'static>(
+    bus: &Bus,
+    filter: &str,
+) -> tokio::sync::mpsc::UnboundedReceiver<M> {
+    let mut sub = bus.client().subscribe(filter.to_owned()).await.unwrap();
+    bus.client().flush().await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(message) = sub.next().await {
+            if let Ok(decoded) = hg_bus::decode::<M>(&message.payload)
+                && tx.send(decoded).is_err()
+            {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+async fn next<T>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>, what: &str) -> T {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+        .unwrap()
+}
+
+fn outbound(id: &str, kind: OutboundKind, text: &str) -> OutboundMessage {
+    OutboundMessage {
+        id: id.into(),
+        platform: "telegram".into(),
+        app_id: BOT_ID.to_string(),
+        channel_id: "5".into(),
+        text: text.into(),
+        kind: kind as i32,
+        ..Default::default()
+    }
+}
+
+async fn publish(bus: &Bus, message: &OutboundMessage) {
+    bus.publish(
+        &subject::outbound("telegram", &BOT_ID.to_string()),
+        message,
+        Some(&message.id),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn an_edit_of_a_photo_replaces_its_caption() {
+    let stack = Stack::start().await;
+    let fake = FakeTelegram::start().await;
+    let token = fake.add_bot(BOT_ID, "media_bot");
+    let egress = egress(&stack, config(&fake, &token)).await;
+    let mut receipts = collect::<DeliveryReceipt>(&stack.bus, "hg.receipt.telegram.>").await;
+
+    let mut photo = outbound("p-1", OutboundKind::Reply, "a *first* caption");
+    photo.attachments = vec![Attachment {
+        file_name: "chart.png".into(),
+        mime_type: "image/png".into(),
+        data: vec![0x89, b'P', b'N', b'G', 1, 2, 3],
+        ..Default::default()
+    }];
+    publish(&stack.bus, &photo).await;
+    let sent = next(&mut receipts, "the photo's receipt").await;
+    assert!(sent.delivered, "{sent:?}");
+    let photo_msg = fake
+        .sent()
+        .into_iter()
+        .find(|m| m.method == "sendphoto")
+        .expect("sent as a photo");
+    assert_eq!(photo_msg.visible_text, "a first caption");
+
+    let mut edit = outbound("p-1-edit", OutboundKind::Edit, "the **final** caption");
+    edit.edit_of = "p-1".into();
+    publish(&stack.bus, &edit).await;
+    let receipt = next(&mut receipts, "the edit's receipt").await;
+    assert!(receipt.delivered, "{receipt:?}");
+    assert_eq!(
+        receipt.platform_message_ids,
+        [photo_msg.message_id.to_string()]
+    );
+    let edited = fake
+        .sent()
+        .into_iter()
+        .find(|m| m.method == "editmessagecaption")
+        .expect("the caption was edited");
+    assert_eq!(edited.message_id, photo_msg.message_id);
+    assert_eq!(edited.text, "the <b>final</b> caption");
+    assert_eq!(edited.visible_text, "the final caption");
+    assert!(
+        fake.calls("editMessageText").is_empty(),
+        "a photo has no text to edit"
+    );
+
+    // The same caption again: "not modified" is success.
+    let mut again = edit.clone();
+    again.id = "p-1-edit-2".into();
+    publish(&stack.bus, &again).await;
+    let receipt = next(&mut receipts, "the repeated edit's receipt").await;
+    assert!(receipt.delivered, "{receipt:?}");
+    assert_eq!(fake.calls("editMessageCaption").len(), 2);
+    // An edit of the edit goes to the photo too.
+    let mut third = outbound("p-1-edit-3", OutboundKind::Edit, "third");
+    third.edit_of = "p-1-edit".into();
+    publish(&stack.bus, &third).await;
+    assert!(
+        next(&mut receipts, "the third edit's receipt")
+            .await
+            .delivered
+    );
+    assert_eq!(
+        fake.sent()
+            .last()
+            .map(|m| (m.method.clone(), m.visible_text.clone())),
+        Some(("editmessagecaption".to_owned(), "third".to_owned()))
+    );
+    assert!(dead_letters(&stack.bus).await.is_empty());
+    egress.stop().await;
+}
+
+#[tokio::test]
+async fn an_edit_of_a_text_still_edits_the_text() {
+    let stack = Stack::start().await;
+    let fake = FakeTelegram::start().await;
+    let token = fake.add_bot(BOT_ID, "media_bot");
+    let egress = egress(&stack, config(&fake, &token)).await;
+    let mut receipts = collect::<DeliveryReceipt>(&stack.bus, "hg.receipt.telegram.>").await;
+    publish(&stack.bus, &outbound("t-1", OutboundKind::Reply, "draft")).await;
+    assert!(next(&mut receipts, "the text's receipt").await.delivered);
+    let mut edit = outbound("t-1-edit", OutboundKind::Edit, "final");
+    edit.edit_of = "t-1".into();
+    publish(&stack.bus, &edit).await;
+    assert!(next(&mut receipts, "the edit's receipt").await.delivered);
+    assert_eq!(fake.calls("editMessageText").len(), 1);
+    assert!(fake.calls("editMessageCaption").is_empty());
+    egress.stop().await;
+}
+
+async fn ingress(stack: &Stack, config: TelegramConfig) -> Running {
+    let bus = stack.connect().await;
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let handle = tokio::spawn(async move {
+        if let Err(e) = hg_telegram::run_ingress(config, bus, token).await {
+            panic!("telegram ingress failed: {e}");
+        }
+    });
+    Running { stop, handle }
+}
+
+#[tokio::test]
+async fn an_album_of_three_photos_is_one_message_with_three_attachments() {
+    let stack = Stack::start().await;
+    let fake = FakeTelegram::start().await;
+    let token = fake.add_bot(BOT_ID, "media_bot");
+    let mut tg = config(&fake, &token);
+    tg.album_window = Duration::from_millis(700);
+    let mut inbound = collect::<InboundMessage>(&stack.bus, "hg.in.telegram.>").await;
+    let ingress = ingress(&stack, tg).await;
+    let chat = private_chat(5, "Ana");
+    let ana = user(5, "Ana");
+    let mut pushed = Vec::new();
+    for n in 0..3u8 {
+        let (file_id, unique) = fake.add_file(vec![n; 100], &format!("photos/p{n}.jpg"));
+        let mut fields = json!({
+            "media_group_id": "album-1",
+            "photo": [{"file_id": file_id, "file_unique_id": unique, "file_size": 100, "width": 800, "height": 600}],
+        });
+        if n == 0 {
+            fields["caption"] = json!("our trip");
+        }
+        pushed.push(fake.push_message(&token, &chat, &ana, fields));
+        // Parts trickle in, as they do from Telegram.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let message = next(&mut inbound, "the album").await;
+    assert_eq!(message.text, "our trip");
+    assert_eq!(message.attachments.len(), 3, "{message:?}");
+    assert!(
+        message
+            .attachments
+            .iter()
+            .all(|a| a.mime_type == "image/jpeg"
+                && a.size_bytes == 100
+                && !a.object_key.is_empty())
+    );
+    assert!(message.id.ends_with(&format!(":{}", pushed[0].message_id)));
+    assert_eq!(
+        message.metadata.get("media_group_id").map(String::as_str),
+        Some("album-1")
+    );
+    // A text after it is its own message, and nothing else came.
+    fake.push_text(&token, &chat, &ana, "after the album");
+    let after = next(&mut inbound, "the text after the album").await;
+    assert_eq!(after.text, "after the album");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        inbound.try_recv().is_err(),
+        "an album part arrived on its own"
+    );
+    let stream = stack.bus.jetstream().get_stream("HG_IN").await.unwrap();
+    assert_eq!(stream.get_info().await.unwrap().state.messages, 2);
+    // Every part confirmed, none left.
+    let deadline = std::time::Instant::now() + WAIT;
+    while fake.pending_updates(&token) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "parts left unconfirmed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ingress.stop().await;
+}
