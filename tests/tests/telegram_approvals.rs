@@ -58,6 +58,20 @@ async fn world(approvers: Vec<String>) -> World {
             providers_with(Arc::new(provider)),
         )
         .await;
+    // The bridge publishes its command list; the ingress advertises it.
+    let meta = stack
+        .bus
+        .kv(hg_bus::kv_config(
+            hg_bridge::META_BUCKET,
+            "facts components share",
+        ))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !matches!(meta.get(hg_bridge::META_COMMANDS).await, Ok(Some(_))) {
+        assert!(tokio::time::Instant::now() < deadline, "no command list");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let config = TelegramConfig {
         api_url: telegram.api_url(),
         bots: vec![BotConfig {
@@ -233,4 +247,30 @@ async fn a_text_reply_denies_with_a_reason_and_non_approvers_are_refused_in_grou
         confirmations(&w.claude),
         vec![("deny".to_owned(), Some("never on production".to_owned()))]
     );
+}
+
+#[tokio::test]
+async fn the_bots_command_menu_lists_the_bridges_commands() {
+    let w = world(Vec::new()).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let call = loop {
+        if let Some(call) = w.telegram.calls("setMyCommands").pop() {
+            break call;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "setMyCommands was not called"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let names: Vec<&str> = call.params["commands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["command"].as_str().unwrap())
+        .collect();
+    for name in ["help", "status", "new", "stop", "usage", "list", "attach"] {
+        assert!(names.contains(&name), "{name} in {names:?}");
+    }
+    assert!(call.error.is_none(), "accepted: {:?}", call.error);
 }

@@ -40,6 +40,9 @@ use crate::session::SessionStore;
 /// KV bucket where components publish facts for each other (for example
 /// which runtime the bridge serves by default, shown by the web chat).
 pub const META_BUCKET: &str = "hg_meta";
+/// Key in [`META_BUCKET`] holding the chat commands as JSON
+/// (`[{"command", "description"}]`, the shape of Telegram's `BotCommand`).
+pub const META_COMMANDS: &str = "bridge.commands";
 /// Key in [`META_BUCKET`] holding the default runtime's name.
 pub const META_DEFAULT_RUNTIME: &str = "bridge.default_runtime";
 
@@ -212,6 +215,23 @@ pub async fn run_with_clock(
         .await
     {
         tracing::warn!(error = %e, "cannot publish the default runtime");
+    }
+    // Platforms with command menus (Telegram) advertise these.
+    let menu: Vec<serde_json::Value> = commands::BUILTIN
+        .iter()
+        .map(|(name, description)| serde_json::json!({"command": name, "description": description}))
+        .chain(config.commands.iter().map(|c| {
+            serde_json::json!({"command": c.name, "description": if c.description.is_empty() { c.name.as_str() } else { c.description.as_str() }})
+        }))
+        .collect();
+    if let Err(e) = meta
+        .put(
+            META_COMMANDS,
+            serde_json::to_vec(&menu).unwrap_or_default().into(),
+        )
+        .await
+    {
+        tracing::warn!(error = %e, "cannot publish the command list");
     }
     if default_runtime == "echo" {
         tracing::warn!(

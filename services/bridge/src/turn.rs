@@ -427,6 +427,7 @@ impl Bridge {
         provider: &dyn Provider,
         cwd: Option<String>,
     ) -> Result<SessionRecord, TurnError> {
+        let cwd = cwd.or_else(|| provider.default_working_dir());
         let spec = SessionSpec {
             agent_id: route.agent_id.clone(),
             environment_id: route.environment_id.clone(),

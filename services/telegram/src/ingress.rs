@@ -26,7 +26,7 @@ use subtle::ConstantTimeEq;
 use teloxide_core::RequestError;
 use teloxide_core::payloads::{AnswerCallbackQuerySetters, GetUpdatesSetters, SetWebhookSetters};
 use teloxide_core::prelude::Requester;
-use teloxide_core::types::{AllowedUpdate, CallbackQueryId, Update, UpdateKind};
+use teloxide_core::types::{AllowedUpdate, BotCommand, CallbackQueryId, Update, UpdateKind};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -272,6 +272,7 @@ impl Ingress {
         if let Err(e) = client.bot.delete_webhook().await {
             tracing::debug!(bot = %me.id, error = %client.describe(&e), "deleteWebhook failed");
         }
+        self.advertise_commands(client, me).await;
         let timeout = u32::try_from(self.config.poll_timeout.as_secs()).unwrap_or(10);
         let pause = self
             .config
@@ -411,6 +412,40 @@ impl Ingress {
                     sleep_or_stop(backoff, stop).await;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                 }
+            }
+        }
+    }
+
+    /// Sets the bot's command menu (`setMyCommands`) to the commands the
+    /// bridge published in KV (`hg_meta`, key `bridge.commands`). Best
+    /// effort: a bot works without a menu.
+    async fn advertise_commands(&self, client: &BotClient, me: &Identity) {
+        let meta = match self
+            .bus
+            .kv(hg_bus::kv_config("hg_meta", "facts components share"))
+            .await
+        {
+            Ok(meta) => meta,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot open hg_meta for the command menu");
+                return;
+            }
+        };
+        let Ok(Some(listed)) = meta.get("bridge.commands").await else {
+            tracing::debug!(bot = %me.id, "no command list published yet");
+            return;
+        };
+        let commands: Vec<BotCommand> = match serde_json::from_slice(&listed) {
+            Ok(commands) => commands,
+            Err(e) => {
+                tracing::warn!(error = %e, "unreadable command list in hg_meta");
+                return;
+            }
+        };
+        match client.bot.set_my_commands(commands).await {
+            Ok(_) => tracing::debug!(bot = %me.id, "command menu set"),
+            Err(e) => {
+                tracing::warn!(bot = %me.id, error = %client.describe(&e), "cannot set the command menu")
             }
         }
     }
@@ -730,6 +765,7 @@ impl Ingress {
             if !webhook.public_url.is_empty() {
                 register_webhook(&client, &me, &webhook.public_url, &webhook.secret_token).await;
             }
+            self.advertise_commands(&client, &me).await;
             bots.insert(me.app_id(), (client, me));
         }
         let configured: HashSet<String> = bots.keys().cloned().collect();
@@ -740,7 +776,7 @@ impl Ingress {
                 TelegramError::Webhook(format!("cannot listen on {}: {e}", webhook.listen))
             })?;
         let state = WebhookState {
-            ingress: self,
+            ingress: Arc::clone(&self),
             bots: Arc::clone(&bots),
             secret: Arc::from(webhook.secret_token.as_str()),
             albums: Arc::default(),
@@ -775,6 +811,7 @@ impl Ingress {
                                     )
                                     .await;
                                 }
+                                self.advertise_commands(&client, &me).await;
                                 tracing::info!(bot = %me.id, "runtime telegram app added, serving its webhook");
                                 write(&bots).insert(me.app_id(), (client, me));
                             }

@@ -263,6 +263,29 @@ fn dispatch(
             }
             Ok(json!(true))
         }
+        "setmycommands" => {
+            let Some(commands) = p["commands"].as_array() else {
+                return Err(bad("Bad Request: commands must be an array"));
+            };
+            if commands.len() > 100 {
+                return Err(bad("Bad Request: too many commands"));
+            }
+            for c in commands {
+                let name = c["command"].as_str().unwrap_or("");
+                let valid = (1..=32).contains(&name.len())
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+                if !valid {
+                    return Err(bad("Bad Request: BOT_COMMAND_INVALID"));
+                }
+                let description = c["description"].as_str().unwrap_or("");
+                if !(1..=256).contains(&description.chars().count()) {
+                    return Err(bad("Bad Request: BOT_COMMAND_DESCRIPTION_INVALID"));
+                }
+            }
+            Ok(json!(true))
+        }
         "getwebhookinfo" => {
             let b = state.bots.get(&bot.token);
             Ok(json!({

@@ -358,6 +358,12 @@ pub trait Provider: Send + Sync + 'static {
         ))
     }
 
+    /// The working directory of sessions created without one (runtimes
+    /// that run locally); `None` for runtimes without directories.
+    fn default_working_dir(&self) -> Option<String> {
+        None
+    }
+
     /// The runtime's existing sessions, newest first: `limit` of them after
     /// skipping `offset`.
     async fn list_sessions(&self, offset: usize, limit: usize) -> Result<Vec<SessionInfo>> {
