@@ -548,6 +548,7 @@ impl Bridge {
         let notice_at = tokio::time::sleep(Duration::from_secs(86_400));
         tokio::pin!(notice_at);
         let mut usage = UsageTotals::default();
+        let mut usage_changed = false;
         let mut stopped = false;
         let stop_grace = tokio::time::sleep(Duration::from_secs(86_400));
         tokio::pin!(stop_grace);
@@ -677,6 +678,15 @@ impl Bridge {
                 } if retry_status.as_deref() != Some("retrying") => {
                     buffer.error = Some(text.clone())
                 }
+                RuntimeEvent::Usage { usage: u, .. } if u.session_totals => {
+                    // Totals, not increments: the latest one stands.
+                    record.usage.input_tokens = u.input_tokens;
+                    record.usage.output_tokens = u.output_tokens;
+                    if u.cost_micro_usd.is_some() {
+                        record.usage.cost_micro_usd = u.cost_micro_usd;
+                    }
+                    usage_changed = true;
+                }
                 RuntimeEvent::Usage { usage: u, .. } => {
                     usage.model_requests += 1;
                     usage.input_tokens += u.input_tokens;
@@ -770,7 +780,7 @@ impl Bridge {
         if stopped {
             buffer.stopped = true;
         }
-        if usage != UsageTotals::default() {
+        if usage_changed || usage != UsageTotals::default() {
             self.add_usage(record, usage);
             if self.store_record(key, record).await.is_err() {
                 tracing::warn!("cannot store the session's usage");

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use hg_bridge::Providers;
+use hg_bridge::provider::acp::AcpProvider;
 use hg_bridge::provider::claude::ClaudeProvider;
 use hg_bridge::provider::echo::EchoProvider;
 use hg_bus::Bus;
@@ -31,10 +32,9 @@ pub async fn up(mut config: Config) -> anyhow::Result<()> {
     } else {
         None
     };
-    let mut components = vec!["bridge", "web"];
-    if !config.telegram.bots.is_empty() {
-        components.extend(["telegram-ingress", "telegram-egress"]);
-    }
+    // Telegram runs even without configured bots: bots added later with
+    // `harnessgate apps add telegram` are picked up without a restart.
+    let components = vec!["bridge", "web", "telegram-ingress", "telegram-egress"];
     let result = run_components(config, &components).await;
     if let Some(nats) = nats {
         nats.stop().await;
@@ -103,7 +103,10 @@ async fn run_components(config: Config, components: &[&str]) -> anyhow::Result<(
             continue;
         }
         if config.telegram.bots.is_empty() {
-            bail!("{component} needs at least one bot in telegram.bots (or HG_TELEGRAM__BOTS)");
+            tracing::info!(
+                component,
+                "no bot in telegram.bots: serving the bots added with `harnessgate apps add telegram`"
+            );
         }
         let telegram = config.telegram.clone();
         let (bus, stop, tx) = (bus.clone(), shutdown.clone(), exited_tx.clone());
@@ -158,10 +161,23 @@ fn providers(config: &Config) -> anyhow::Result<Providers> {
             .context("cannot set up the Claude provider")?;
         providers = providers.with(Arc::new(claude));
         tracing::info!(base_url = %config.claude.base_url, agent = %config.claude.agent_id, "claude managed agents configured");
-    } else {
+    } else if config
+        .bridge
+        .default_route
+        .as_ref()
+        .is_none_or(|route| route.runtime == "echo")
+    {
         tracing::warn!(
             "no ANTHROPIC_API_KEY: the default runtime is echo, which only repeats messages (wiring check)"
         );
+    }
+    for (name, acp) in &config.acp {
+        // Runtime names live as long as the process.
+        let name: &'static str = Box::leak(name.clone().into_boxed_str());
+        let provider = AcpProvider::new(name, acp.clone())
+            .with_context(|| format!("cannot set up the acp runtime {name}"))?;
+        tracing::info!(runtime = name, command = %acp.command, cwd = %provider.default_cwd().display(), "acp agent runtime configured");
+        providers = providers.with(Arc::new(provider));
     }
     Ok(providers)
 }

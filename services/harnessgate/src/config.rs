@@ -4,12 +4,14 @@
 //! `HG_NATS__URL`, `HG_WEB__LISTEN`) → `ANTHROPIC_API_KEY` and
 //! `ANTHROPIC_BASE_URL`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use hg_bridge::BridgeConfig;
+use hg_bridge::provider::acp::AcpConfig;
 use hg_bridge::provider::claude::ClaudeConfig;
 use hg_bridge::routing::Route;
 use hg_bus::BusConfig;
@@ -27,6 +29,9 @@ pub struct Config {
     pub admin: AdminConfig,
     pub up: UpConfig,
     pub claude: ClaudeSection,
+    /// Local coding agents over ACP, by runtime name (`[acp.<name>]`);
+    /// routes use them with `runtime = "<name>"`.
+    pub acp: BTreeMap<String, AcpConfig>,
     pub bridge: BridgeConfig,
     pub web: WebConfig,
     pub telegram: TelegramConfig,
@@ -44,6 +49,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             up: UpConfig::default(),
             claude: ClaudeSection::default(),
+            acp: BTreeMap::new(),
             bridge: BridgeConfig::default(),
             web: WebConfig::default(),
             telegram: TelegramConfig::default(),
@@ -234,6 +240,24 @@ impl Config {
                 }
             }
         }
+        for (name, acp) in &self.acp {
+            if matches!(name.as_str(), "claude" | "echo") {
+                return Err(ConfigError(format!(
+                    "acp.{name}: the name {name:?} is taken by a built-in runtime"
+                )));
+            }
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(ConfigError(format!(
+                    "acp.{name}: runtime names use letters, digits, '-' and '_'"
+                )));
+            }
+            acp.validate()
+                .map_err(|e| ConfigError(format!("acp.{name}.{e}")))?;
+        }
         for (i, rule) in self.bridge.routes.iter().enumerate() {
             if !rule.reject && rule.runtime.is_none() {
                 return Err(ConfigError(format!(
@@ -285,6 +309,10 @@ impl Config {
     }
 }
 
+/// Tables whose keys are shown but whose values are secrets (an ACP
+/// agent's environment holds its API keys).
+const SECRET_VALUE_TABLES: &[&str] = &["env"];
+
 /// Keys whose values are secrets wherever they appear.
 const SECRET_KEYS: &[&str] = &[
     "api_key",
@@ -299,7 +327,13 @@ fn redact(value: &mut toml::Value) {
     match value {
         toml::Value::Table(table) => {
             for (key, v) in table.iter_mut() {
-                if SECRET_KEYS.contains(&key.as_str()) {
+                if SECRET_VALUE_TABLES.contains(&key.as_str())
+                    && let toml::Value::Table(entries) = v
+                {
+                    for (_, value) in entries.iter_mut() {
+                        *value = toml::Value::String("<redacted>".into());
+                    }
+                } else if SECRET_KEYS.contains(&key.as_str()) {
                     let empty = matches!(v, toml::Value::String(s) if s.is_empty())
                         || matches!(v, toml::Value::Table(t) if t.is_empty());
                     if !empty {
@@ -344,5 +378,43 @@ mod tests {
         }
         assert!(text.contains("<redacted>"));
         assert!(text.contains("listen = \"0.0.0.0:8080\""));
+    }
+
+    #[test]
+    fn acp_runtimes_are_read_validated_and_their_env_redacted() {
+        let config: Config = toml::from_str(
+            r#"
+            [acp.gemini]
+            command = "gemini"
+            args = ["--acp"]
+            idle_timeout = "5m"
+            env = { GEMINI_API_KEY = "gm-very-secret" }
+            "#,
+        )
+        .unwrap();
+        let gemini = &config.acp["gemini"];
+        assert_eq!(gemini.args, ["--acp"]);
+        assert_eq!(gemini.idle_timeout, Duration::from_secs(300));
+        config.validate().unwrap();
+        let text = config.redacted_toml();
+        assert!(!text.contains("gm-very-secret"), "{text}");
+        assert!(text.contains("GEMINI_API_KEY"), "{text}");
+        assert!(text.contains("command = \"gemini\""), "{text}");
+
+        let unknown = toml::from_str::<Config>("[acp.x]\ncommand = \"x\"\nnope = 1\n");
+        assert!(unknown.is_err());
+        let mut no_command = Config::default();
+        no_command.acp.insert("x".into(), AcpConfig::default());
+        let err = no_command.validate().unwrap_err().to_string();
+        assert!(err.contains("acp.x.command"), "{err}");
+        let mut taken = Config::default();
+        taken.acp.insert(
+            "echo".into(),
+            AcpConfig {
+                command: "x".into(),
+                ..AcpConfig::default()
+            },
+        );
+        assert!(taken.validate().is_err());
     }
 }

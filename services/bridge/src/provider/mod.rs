@@ -6,6 +6,7 @@
 //! reads events until the turn ends. Streams reconnect and catch up by
 //! themselves, so a caller sees every event exactly once and in order.
 
+pub mod acp;
 pub mod claude;
 pub mod echo;
 
@@ -150,6 +151,9 @@ pub struct TokenUsage {
     pub cache_creation_input_tokens: u64,
     /// Cost in millionths of a US dollar, when the runtime reports it.
     pub cost_micro_usd: Option<u64>,
+    /// The session's totals so far (ACP `usage_update`: tokens in the
+    /// context, cumulative cost) rather than one model request's usage.
+    pub session_totals: bool,
 }
 
 /// One event from the runtime, normalized. `id` is the runtime's event id

@@ -428,6 +428,7 @@ pub(super) fn decode(json: &[u8]) -> Decoded {
                     cache_read_input_tokens: wire.model_usage.cache_read_input_tokens,
                     cache_creation_input_tokens: wire.model_usage.cache_creation_input_tokens,
                     cost_micro_usd: None,
+                    session_totals: false,
                 },
             })
         }
@@ -778,6 +779,7 @@ mod tests {
                     cache_read_input_tokens: 1,
                     cache_creation_input_tokens: 2,
                     cost_micro_usd: None,
+                    session_totals: false,
                 }
             }
         );
