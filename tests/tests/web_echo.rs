@@ -328,3 +328,73 @@ async fn the_chat_page_and_api_description_are_served() {
     let metrics = reqwest::get(format!("{url}/metrics")).await.unwrap();
     assert_eq!(metrics.status(), 200);
 }
+
+#[tokio::test]
+async fn with_two_web_replicas_a_users_replies_arrive_in_order_and_survive_a_replica_stopping() {
+    let stack = Stack::start().await;
+    let (web_a, url_a) = stack.default_web().await;
+    let (_web_b, url_b) = stack.default_web().await;
+    let user = WebUser::signup(&url_a).await;
+    let mut events = user.via(&url_b).events(None).await;
+    let publish = |n: u32| {
+        let bus = stack.bus.clone();
+        let user = user.user_id.clone();
+        async move {
+            let out = hg_proto::OutboundMessage {
+                id: format!("ordered-{n}"),
+                platform: "web".into(),
+                app_id: "default".into(),
+                channel_id: user.clone(),
+                recipient_id: user,
+                text: format!("message {n}"),
+                kind: hg_proto::OutboundKind::Reply as i32,
+                ..Default::default()
+            };
+            bus.publish(&subject::outbound("web", "default"), &out, Some(&out.id))
+                .await
+                .unwrap();
+        }
+    };
+    // All at once (acks awaited afterwards), so both replicas' consumers
+    // see a backlog; the stream keeps the publish order of one connection.
+    let mut acks = Vec::new();
+    for n in 0..40 {
+        let out = hg_proto::OutboundMessage {
+            id: format!("ordered-{n}"),
+            platform: "web".into(),
+            app_id: "default".into(),
+            channel_id: user.user_id.clone(),
+            recipient_id: user.user_id.clone(),
+            text: format!("message {n}"),
+            kind: hg_proto::OutboundKind::Reply as i32,
+            ..Default::default()
+        };
+        let ack = stack
+            .bus
+            .jetstream()
+            .publish(
+                subject::outbound("web", "default"),
+                out.encode_to_vec().into(),
+            )
+            .await
+            .unwrap();
+        acks.push(ack);
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    let got: Vec<String> = events
+        .collect(Duration::from_secs(3))
+        .await
+        .into_iter()
+        .filter(|e| e.kind == "reply")
+        .map(|e| e.text)
+        .collect();
+    let want: Vec<String> = (0..40).map(|n| format!("message {n}")).collect();
+    assert_eq!(got, want, "in publish order, each once");
+    // The replica that was sending (or not) stops: delivery goes on.
+    web_a.stop().await;
+    publish(40).await;
+    let next = events.next_message(Duration::from_secs(15)).await;
+    assert_eq!(next.map(|e| e.text).as_deref(), Some("message 40"));
+}

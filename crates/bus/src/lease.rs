@@ -54,6 +54,30 @@ impl Lease {
         })
     }
 
+    /// Keeps the lease on `key` (taken at `revision`) by renewing it every
+    /// third of the ttl, storing each new revision; returns once it is
+    /// lost: another owner has it, or renewals failed for two thirds of the
+    /// ttl (it may have passed on by then).
+    pub async fn hold(&self, key: &str, revision: &std::sync::atomic::AtomicU64) {
+        let mut last_ok = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(self.ttl / 3).await;
+            match self.acquire(key).await.map(|claim| claim.revision()) {
+                Ok(Some(r)) => {
+                    revision.store(r, std::sync::atomic::Ordering::Relaxed);
+                    last_ok = tokio::time::Instant::now();
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(lease = key, error = %e, "cannot renew a lease");
+                    if last_ok.elapsed() >= self.ttl * 2 / 3 {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
     /// How long an unrefreshed lease lasts.
     pub fn ttl(&self) -> Duration {
         self.ttl

@@ -10,6 +10,10 @@
 //!
 //! A platform plugs in by implementing [`Platform`].
 
+mod elect;
+
+pub use elect::{Election, run_elected};
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -9,7 +9,6 @@
 //! object store and paces messages below Telegram's flood limits.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -17,7 +16,6 @@ use async_nats::jetstream::kv;
 use async_nats::jetstream::object_store::ObjectStore;
 use async_trait::async_trait;
 use hg_bus::Bus;
-use hg_bus::lease::Lease;
 use hg_egress::{DeliveryError, Part, Platform};
 use hg_proto::{Attachment, Button, OutboundKind, OutboundMessage, subject};
 use hg_text::{Limit, Measure};
@@ -129,87 +127,34 @@ pub(crate) async fn run(
     platform
         .tasks
         .spawn(async move { follower.follow_apps(apps, stop).await });
-    let owner = format!("telegram-egress-{}", uuid::Uuid::new_v4().simple());
-    let result = match Lease::open(&bus, LEASE_BUCKET, config.lease_ttl, &owner).await {
-        Ok(leases) => send_while_elected(&platform, &bus, &config, &leases, &shutdown).await,
-        Err(e) => Err(TelegramError::from(e)),
+    // The previous sender's last messages count against limits the new
+    // sender's limiter has not seen: it waits one pacing interval first.
+    let rate = &config.rate;
+    let paced =
+        !rate.per_chat.is_zero() || rate.per_bot_per_second > 0 || rate.per_group_per_minute > 0;
+    let election = hg_egress::Election {
+        bucket: LEASE_BUCKET.into(),
+        key: SENDER_LEASE.into(),
+        ttl: config.lease_ttl,
+        warmup: if paced {
+            rate.per_chat.max(Duration::from_secs(1))
+        } else {
+            Duration::ZERO
+        },
     };
+    let result = hg_egress::run_elected(
+        bus.clone(),
+        Arc::clone(&platform) as Arc<dyn Platform>,
+        config.egress.clone(),
+        election,
+        shutdown.clone(),
+    )
+    .await
+    .map_err(TelegramError::from);
     platform.stop.cancel();
     platform.tasks.close();
     platform.tasks.wait().await;
     result
-}
-
-/// Takes the sender lease when it is free and runs the pipeline while
-/// holding it, until `shutdown`.
-async fn send_while_elected(
-    platform: &Arc<TelegramPlatform>,
-    bus: &Bus,
-    config: &TelegramConfig,
-    leases: &Lease,
-    shutdown: &CancellationToken,
-) -> Result<(), TelegramError> {
-    let retry = leases.ttl() / 3;
-    tracing::info!(owner = %leases.owner(), "telegram egress started, waiting for the sender lease");
-    while !shutdown.is_cancelled() {
-        match leases.acquire(SENDER_LEASE).await.map(|c| c.revision()) {
-            Ok(Some(revision)) => {
-                tracing::info!(owner = %leases.owner(), "sender lease taken, delivering");
-                metrics::gauge!("hg_telegram_egress_sender").set(1.0);
-                let revision = AtomicU64::new(revision);
-                let active = shutdown.child_token();
-                let pipeline = async {
-                    // The previous sender's last messages count against the
-                    // limits this limiter has not seen.
-                    let rate = &config.rate;
-                    let paced = !rate.per_chat.is_zero()
-                        || rate.per_bot_per_second > 0
-                        || rate.per_group_per_minute > 0;
-                    let warmup = if paced {
-                        rate.per_chat.max(Duration::from_secs(1))
-                    } else {
-                        Duration::ZERO
-                    };
-                    tokio::select! {
-                        () = active.cancelled() => return Ok(()),
-                        () = tokio::time::sleep(warmup) => {}
-                    }
-                    hg_egress::run(
-                        bus.clone(),
-                        Arc::clone(platform) as Arc<dyn Platform>,
-                        config.egress.clone(),
-                        active.clone(),
-                    )
-                    .await
-                };
-                tokio::pin!(pipeline);
-                let result = tokio::select! {
-                    result = &mut pipeline => result,
-                    () = crate::hold_lease(leases, SENDER_LEASE, &revision) => {
-                        tracing::warn!("sender lease lost, handing over");
-                        active.cancel();
-                        pipeline.await
-                    }
-                };
-                metrics::gauge!("hg_telegram_egress_sender").set(0.0);
-                // Hand over at once rather than after the ttl.
-                let _ = leases
-                    .release(SENDER_LEASE, revision.load(Ordering::Relaxed))
-                    .await;
-                result?;
-                if shutdown.is_cancelled() {
-                    break;
-                }
-            }
-            Ok(None) => tracing::trace!("another replica sends"),
-            Err(e) => tracing::warn!(error = %e, "cannot take the sender lease"),
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => {}
-            () = tokio::time::sleep(retry) => {}
-        }
-    }
-    Ok(())
 }
 
 /// Telegram as the egress pipeline sees it.

@@ -112,33 +112,13 @@ async fn state_store(bus: &Bus) -> Result<async_nats::jetstream::kv::Store, BusE
     bus.kv(config).await
 }
 
-/// Keeps the lease on `key` (taken at `revision`) by renewing it every
-/// third of its ttl, storing each new revision; returns once it is lost:
-/// another owner has it, or renewals failed for two thirds of the ttl (it
-/// may have passed on by then).
+/// Keeps the lease on `key` (taken at `revision`) until it is lost.
 async fn hold_lease(
     leases: &hg_bus::lease::Lease,
     key: &str,
     revision: &std::sync::atomic::AtomicU64,
 ) {
-    let ttl = leases.ttl();
-    let mut last_ok = tokio::time::Instant::now();
-    loop {
-        tokio::time::sleep(ttl / 3).await;
-        match leases.acquire(key).await.map(|claim| claim.revision()) {
-            Ok(Some(r)) => {
-                revision.store(r, std::sync::atomic::Ordering::Relaxed);
-                last_ok = tokio::time::Instant::now();
-            }
-            Ok(None) => return,
-            Err(e) => {
-                tracing::warn!(lease = key, error = %e, "cannot renew a lease");
-                if last_ok.elapsed() >= ttl * 2 / 3 {
-                    return;
-                }
-            }
-        }
-    }
+    leases.hold(key, revision).await
 }
 
 /// A KV error as a bus error.

@@ -150,7 +150,14 @@ pub async fn run(
     let platform = Arc::new(WebPlatform { bus: bus.clone() });
     let egress_config = config.egress.clone();
     let egress = tracker.spawn(async move {
-        hg_egress::run(egress_bus, platform, egress_config, egress_stop).await
+        hg_egress::run_elected(
+            egress_bus,
+            platform,
+            egress_config,
+            hg_egress::Election::for_platform(PLATFORM),
+            egress_stop,
+        )
+        .await
     });
     let addr = listener.local_addr().ok();
     tracing::info!(addr = ?addr, app = %config.app_id, "web chat listening");
