@@ -758,3 +758,63 @@ async fn repeated_runtime_errors_in_a_conversation_produce_one_notice() {
         "one notice for the conversation, not one per message"
     );
 }
+
+#[tokio::test]
+async fn several_requests_are_answered_one_by_one_and_the_turn_goes_on_after_the_last() {
+    let stack = Stack::start().await;
+    let fake = FakeClaude::start().await;
+    let _bridge = stack.bridge(config(), claude(&fake.base_url())).await;
+    let (_web, url) = stack.default_web().await;
+    let user = WebUser::signup(&url).await;
+    let mut events = user.events(None).await;
+    user.send("tools:2").await;
+    let first = next_kind(&mut events, "approval_request").await;
+    let second = next_kind(&mut events, "approval_request").await;
+    assert!(first.text.contains("step 1") && second.text.contains("step 2"));
+    // Text answers the oldest pending request.
+    user.send("allow").await;
+    let edit = next_kind(&mut events, "edit").await;
+    assert_eq!(edit.outbound_id, first.outbound_id);
+    // The runtime re-announces what is left; nothing else happens yet.
+    let quiet: Vec<_> = events
+        .collect(Duration::from_millis(400))
+        .await
+        .into_iter()
+        .filter(|e| e.kind == "reply" || e.kind == "approval_request")
+        .collect();
+    assert!(
+        quiet.is_empty(),
+        "no reply before the last answer: {quiet:?}"
+    );
+    user.press(button(&second, "Deny")).await;
+    let edit = next_kind(&mut events, "edit").await;
+    assert_eq!(edit.outbound_id, second.outbound_id);
+    assert_eq!(next_kind(&mut events, "reply").await.text, "done: tools:2");
+    assert_eq!(
+        confirmations(&fake),
+        vec![("allow".to_owned(), None), ("deny".to_owned(), None)]
+    );
+}
+
+#[tokio::test]
+async fn an_allowlist_route_serves_only_its_users() {
+    let stack = Stack::start().await;
+    let fake = FakeClaude::start().await;
+    let (_web, url) = stack.default_web().await;
+    let insider = WebUser::signup(&url).await;
+    let outsider = WebUser::signup(&url).await;
+    let mut config = config();
+    if let Some(route) = config.default_route.as_mut() {
+        route.access = AccessMode::Allowlist;
+        route.allowlist = vec![insider.user_id.clone()];
+    }
+    let _bridge = stack.bridge(config, claude(&fake.base_url())).await;
+    let mut outside = outsider.events(None).await;
+    outsider.send("let me in").await;
+    let refused = next_kind(&mut outside, "status").await;
+    assert!(refused.text.contains("not allowed"), "{}", refused.text);
+    assert!(fake.sessions().is_empty(), "nothing reached the agent");
+    let mut inside = insider.events(None).await;
+    insider.send("hello").await;
+    assert_eq!(next_kind(&mut inside, "reply").await.text, "echo: hello");
+}
