@@ -1000,7 +1000,7 @@ impl Bridge {
                     Ok(sessions) if sessions.is_empty() => "No sessions on this page.".to_owned(),
                     Ok(sessions) => {
                         let current = record.as_ref().map(|r| r.runtime_session_id.as_str());
-                        let mut lines = vec![format!("Sessions (page {page}):")];
+                        let mut lines = vec![format!("Sessions (page {page}):\n")];
                         for (i, s) in sessions.iter().enumerate() {
                             let title = if s.title.is_empty() {
                                 "untitled"
@@ -1019,7 +1019,7 @@ impl Bridge {
                             ));
                         }
                         lines.push(format!(
-                            "/attach <n> to continue one; /list {} for more.",
+                            "\n/attach <n> to continue one; /list {} for more.",
                             page + 1
                         ));
                         lines.join("\n")
@@ -1132,7 +1132,7 @@ impl Bridge {
 
     fn help(&self, provider: &dyn Provider) -> String {
         let caps = provider.capabilities();
-        let mut lines = vec!["Commands (`!` works like `/`):".to_owned()];
+        let mut lines = vec!["Commands (`!` works like `/`):\n".to_owned()];
         for (name, what) in BUILTIN {
             let shown = match *name {
                 "list" | "attach" => caps.list_sessions,
@@ -1147,13 +1147,13 @@ impl Bridge {
             } else {
                 what
             };
-            lines.push(format!("/{name} — {what}"));
+            lines.push(format!("- /{name} — {what}"));
         }
         for custom in &self.config.commands {
-            lines.push(format!("/{} — {}", custom.name, custom.description));
+            lines.push(format!("- /{} — {}", custom.name, custom.description));
         }
         lines.push(
-            "When the agent asks to use a tool, answer with the buttons or reply allow / deny / \
+            "\nWhen the agent asks to use a tool, answer with the buttons or reply allow / deny / \
              deny: <reason> / allow all / allow <Tool>."
                 .to_owned(),
         );
@@ -1223,7 +1223,11 @@ impl Bridge {
                 approvals::minutes_left(grant.expires_ms, now)
             ));
         }
-        Ok(lines.join("\n"))
+        Ok(lines
+            .iter()
+            .map(|line| format!("- {line}"))
+            .collect::<Vec<_>>()
+            .join("\n"))
     }
 
     /// How long the conversation's turn has been running, if a replica is
@@ -1479,7 +1483,7 @@ fn usage_text(record: &SessionRecord) -> String {
         );
     }
     let mut text = format!(
-        "Session `{}` ({} turns, {} model requests):\ninput {} tokens · output {} · cache read {} · cache write {}",
+        "Session `{}` ({} turns, {} model requests):\n\ninput {} tokens · output {} · cache read {} · cache write {}",
         record.runtime_session_id,
         record.turns,
         u.model_requests,
@@ -1489,8 +1493,8 @@ fn usage_text(record: &SessionRecord) -> String {
         u.cache_creation_input_tokens
     );
     match u.cost_micro_usd {
-        Some(micro) => text.push_str(&format!("\ncost ${:.4}", micro as f64 / 1e6)),
-        None => text.push_str("\ncost: not reported by this runtime"),
+        Some(micro) => text.push_str(&format!("\n\ncost ${:.4}", micro as f64 / 1e6)),
+        None => text.push_str("\n\ncost: not reported by this runtime"),
     }
     text
 }
