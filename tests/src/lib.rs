@@ -2,6 +2,8 @@
 //! bridge replicas, web replicas) and a web chat client that speaks the
 //! public HTTP API the way a browser does.
 
+pub mod telegram;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -166,6 +168,27 @@ pub fn fast_bridge_config() -> BridgeConfig {
     }
 }
 
+/// Claude Managed Agents settings for the fake at `base_url`, with fast
+/// retries and reconnects.
+pub fn claude_config(base_url: &str) -> hg_bridge::provider::claude::ClaudeConfig {
+    hg_bridge::provider::claude::ClaudeConfig {
+        api_key: hg_testkit::fake_claude::FakeClaude::API_KEY.into(),
+        base_url: base_url.into(),
+        retry_backoff: Duration::from_millis(50),
+        reconnect_backoff: Duration::from_millis(50),
+        reconnect_attempts: 3,
+        request_timeout: Duration::from_secs(5),
+        ..Default::default()
+    }
+}
+
+/// The Claude provider with `config` (plus echo).
+pub fn claude_providers(config: hg_bridge::provider::claude::ClaudeConfig) -> Providers {
+    let provider =
+        hg_bridge::provider::claude::ClaudeProvider::new(config).expect("claude provider");
+    providers_with(Arc::new(provider))
+}
+
 /// Just the echo runtime.
 pub fn echo_providers() -> Providers {
     Providers::default().with(Arc::new(EchoProvider::new()))
@@ -327,6 +350,22 @@ impl EventReader {
                 continue;
             }
             return Some(serde_json::from_str(&data).expect("event json"));
+        }
+    }
+
+    /// The next message event of `kind`, skipping others; panics after
+    /// `timeout`.
+    pub async fn next_kind(&mut self, kind: &str, timeout: Duration) -> WebEvent {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let event = self
+                .next_message(left)
+                .await
+                .unwrap_or_else(|| panic!("no {kind} event within {timeout:?}"));
+            if event.kind == kind {
+                return event;
+            }
         }
     }
 

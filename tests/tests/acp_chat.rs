@@ -11,8 +11,7 @@ use std::time::Duration;
 use hg_bridge::BridgeConfig;
 use hg_bridge::provider::acp::{AcpConfig, AcpProvider};
 use hg_bridge::routing::Route;
-use hg_e2e::{EventReader, Stack, WebUser, fast_bridge_config, providers_with};
-use hg_web::hub::WebEvent;
+use hg_e2e::{Stack, WebUser, fast_bridge_config, providers_with};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_acp-test-agent");
 const WAIT: Duration = Duration::from_secs(20);
@@ -45,20 +44,6 @@ fn acp(root: &Path) -> hg_bridge::Providers {
     providers_with(Arc::new(provider))
 }
 
-async fn next_kind(events: &mut EventReader, kind: &str) -> WebEvent {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let event = events
-            .next_message(left)
-            .await
-            .unwrap_or_else(|| panic!("no {kind} event"));
-        if event.kind == kind {
-            return event;
-        }
-    }
-}
-
 fn alive(pid: i32) -> bool {
     // A zombie is not alive: read the state from /proc.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -86,12 +71,12 @@ async fn a_permission_question_is_answered_from_chat_with_the_agents_options() {
 
     user.send("hello agent").await;
     assert_eq!(
-        next_kind(&mut events, "reply").await.text,
+        events.next_kind("reply", WAIT).await.text,
         "echo: hello agent"
     );
 
     user.send("permission:Bash").await;
-    let request = next_kind(&mut events, "approval_request").await;
+    let request = events.next_kind("approval_request", WAIT).await;
     assert!(request.text.contains("Bash"), "{}", request.text);
     let labels: Vec<&str> = request.buttons.iter().map(|b| b.label.as_str()).collect();
     assert_eq!(
@@ -105,26 +90,26 @@ async fn a_permission_question_is_answered_from_chat_with_the_agents_options() {
         .find(|b| b.label == "Always allow")
         .unwrap();
     user.press(always).await;
-    let edit = next_kind(&mut events, "edit").await;
+    let edit = events.next_kind("edit", WAIT).await;
     assert!(edit.text.contains("Always allow by"), "{}", edit.text);
     assert_eq!(
-        next_kind(&mut events, "reply").await.text,
+        events.next_kind("reply", WAIT).await.text,
         "chosen: allow-always"
     );
 
     // In text: "deny" picks the agent's reject option, a number picks by position.
     user.send("permission:Edit").await;
-    next_kind(&mut events, "approval_request").await;
+    events.next_kind("approval_request", WAIT).await;
     user.send("deny").await;
     assert_eq!(
-        next_kind(&mut events, "reply").await.text,
+        events.next_kind("reply", WAIT).await.text,
         "chosen: reject-once"
     );
     user.send("permission:Edit").await;
-    next_kind(&mut events, "approval_request").await;
+    events.next_kind("approval_request", WAIT).await;
     user.send("1").await;
     assert_eq!(
-        next_kind(&mut events, "reply").await.text,
+        events.next_kind("reply", WAIT).await.text,
         "chosen: allow-once"
     );
 
@@ -153,28 +138,28 @@ async fn new_picks_a_directory_within_the_allowed_roots() {
 
     let outside = root.path().display().to_string();
     user.send(&format!("/new {outside}")).await;
-    let refused = next_kind(&mut events, "status").await;
+    let refused = events.next_kind("status", WAIT).await;
     assert!(refused.text.starts_with("❌"), "{}", refused.text);
     user.send("/new ../../etc").await;
-    let refused = next_kind(&mut events, "status").await;
+    let refused = events.next_kind("status", WAIT).await;
     assert!(refused.text.starts_with("❌"), "{}", refused.text);
 
     let inside = root.path().join("work/app");
     user.send(&format!("/new {}", inside.display())).await;
-    let started = next_kind(&mut events, "status").await;
+    let started = events.next_kind("status", WAIT).await;
     assert!(
         started.text.contains("New session started in"),
         "{}",
         started.text
     );
     user.send("hi there").await;
-    assert_eq!(next_kind(&mut events, "reply").await.text, "echo: hi there");
+    assert_eq!(events.next_kind("reply", WAIT).await.text, "echo: hi there");
     assert!(
         inside.join(".acp-agent.pid").exists(),
         "the agent runs in the chosen directory"
     );
     user.send("/status").await;
-    let status = next_kind(&mut events, "status").await;
+    let status = events.next_kind("status", WAIT).await;
     assert!(status.text.contains("work/app"), "{}", status.text);
 }
 
@@ -196,7 +181,7 @@ async fn an_agent_that_dies_mid_turn_is_reported_and_the_next_message_works() {
     assert!(told.text.contains("⚠️"), "the user is told: {}", told.text);
     user.send("are you back?").await;
     assert_eq!(
-        next_kind(&mut events, "reply").await.text,
+        events.next_kind("reply", WAIT).await.text,
         "echo: are you back?"
     );
 }
@@ -212,11 +197,11 @@ async fn stop_cancels_a_running_agent_turn() {
     user.send("slow:count").await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     user.send("/stop").await;
-    let stopped = next_kind(&mut events, "status").await;
+    let stopped = events.next_kind("status", WAIT).await;
     assert_eq!(stopped.text, "⏹ Stopped.");
     user.send("after the stop").await;
     assert_eq!(
-        next_kind(&mut events, "reply").await.text,
+        events.next_kind("reply", WAIT).await.text,
         "echo: after the stop"
     );
 }
@@ -230,7 +215,7 @@ async fn allow_dir_lets_the_agent_work_in_that_directory_without_asking() {
     let user = WebUser::signup(&url).await;
     let mut events = user.events(None).await;
     user.send("permission:Bash").await;
-    let request = next_kind(&mut events, "approval_request").await;
+    let request = events.next_kind("approval_request", WAIT).await;
     let dir = request
         .buttons
         .iter()
@@ -238,11 +223,11 @@ async fn allow_dir_lets_the_agent_work_in_that_directory_without_asking() {
         .expect("an allow-dir button");
     user.press(dir).await;
     assert_eq!(
-        next_kind(&mut events, "reply").await.text,
+        events.next_kind("reply", WAIT).await.text,
         "chosen: allow-once"
     );
     user.send("permission:Edit").await;
-    let notice = next_kind(&mut events, "status").await;
+    let notice = events.next_kind("status", WAIT).await;
     assert!(
         notice.text.contains("auto-approved 1 tool: Edit"),
         "{}",
@@ -250,7 +235,7 @@ async fn allow_dir_lets_the_agent_work_in_that_directory_without_asking() {
     );
     assert!(notice.text.contains("Allow in"), "{}", notice.text);
     assert_eq!(
-        next_kind(&mut events, "reply").await.text,
+        events.next_kind("reply", WAIT).await.text,
         "chosen: allow-once"
     );
 }

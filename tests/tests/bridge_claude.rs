@@ -1,31 +1,21 @@
 //! The bridge driving Claude Managed Agents (the fake server speaking the
 //! SDK's wire format) behind the web chat, through real NATS.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use hg_bridge::provider::claude::{ClaudeConfig, ClaudeProvider};
 use hg_bridge::routing::Route;
 use hg_bridge::{BridgeConfig, Providers};
-use hg_e2e::{Component, Stack, WebUser, dead_letters, fast_bridge_config, providers_with};
+use hg_e2e::{
+    Component, Stack, WebUser, claude_config, claude_providers, dead_letters, fast_bridge_config,
+};
 use hg_proto::{AgentEvent, agent_event};
 use hg_testkit::fake_claude::{Endpoint, FakeClaude};
 
 const WAIT: Duration = Duration::from_secs(15);
 
 fn claude(base_url: &str) -> Providers {
-    let provider = ClaudeProvider::new(ClaudeConfig {
-        api_key: FakeClaude::API_KEY.into(),
-        base_url: base_url.into(),
-        retry_backoff: Duration::from_millis(50),
-        reconnect_backoff: Duration::from_millis(50),
-        reconnect_attempts: 3,
-        request_timeout: Duration::from_secs(5),
-        ..ClaudeConfig::default()
-    })
-    .unwrap();
-    providers_with(Arc::new(provider))
+    claude_providers(claude_config(base_url))
 }
 
 fn claude_route() -> BridgeConfig {

@@ -2,19 +2,15 @@
 //! message grow while the agent writes (Claude `event_deltas`), throttled,
 //! and it ends with the full text — on the web chat and on Telegram.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use hg_bridge::BridgeConfig;
-use hg_bridge::provider::claude::{ClaudeConfig, ClaudeProvider};
+use hg_bridge::provider::claude::ClaudeConfig;
 use hg_bridge::routing::{DeliveryMode, Route};
-use hg_e2e::{Stack, WebUser, fast_bridge_config, providers_with};
-use hg_egress::EgressConfig;
-use hg_telegram::{BotConfig, RateConfig, TelegramConfig};
+use hg_e2e::{Stack, WebUser, claude_config, claude_providers, fast_bridge_config};
 use hg_testkit::fake_claude::FakeClaude;
 use hg_testkit::fake_telegram::{FakeTelegram, private_chat, user};
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -30,20 +26,6 @@ fn bridge_config(delivery: DeliveryMode) -> BridgeConfig {
         stream_interval: Duration::from_millis(150),
         ..fast_bridge_config()
     }
-}
-
-fn claude(fake: &FakeClaude) -> hg_bridge::Providers {
-    let provider = ClaudeProvider::new(ClaudeConfig {
-        api_key: FakeClaude::API_KEY.into(),
-        base_url: fake.base_url(),
-        stream_deltas: true,
-        retry_backoff: Duration::from_millis(50),
-        reconnect_backoff: Duration::from_millis(50),
-        request_timeout: Duration::from_secs(5),
-        ..ClaudeConfig::default()
-    })
-    .unwrap();
-    providers_with(Arc::new(provider))
 }
 
 /// The agent writes "The answer is forty-two." slowly, in pieces, then
@@ -100,7 +82,13 @@ async fn a_streaming_reply_grows_in_the_browser_and_ends_with_the_full_text() {
     let fake = FakeClaude::start().await;
     hold_turn(&fake);
     let _bridge = stack
-        .bridge(bridge_config(DeliveryMode::Streaming), claude(&fake))
+        .bridge(
+            bridge_config(DeliveryMode::Streaming),
+            claude_providers(ClaudeConfig {
+                stream_deltas: true,
+                ..claude_config(&fake.base_url())
+            }),
+        )
         .await;
     let (_web, url) = stack.default_web().await;
     let user = WebUser::signup(&url).await;
@@ -147,7 +135,13 @@ async fn buffered_routes_still_get_one_message() {
     let fake = FakeClaude::start().await;
     hold_turn(&fake);
     let _bridge = stack
-        .bridge(bridge_config(DeliveryMode::Buffered), claude(&fake))
+        .bridge(
+            bridge_config(DeliveryMode::Buffered),
+            claude_providers(ClaudeConfig {
+                stream_deltas: true,
+                ..claude_config(&fake.base_url())
+            }),
+        )
         .await;
     let (_web, url) = stack.default_web().await;
     let user = WebUser::signup(&url).await;
@@ -172,34 +166,17 @@ async fn on_telegram_the_message_is_edited_as_the_agent_writes() {
     let telegram = FakeTelegram::start().await;
     let token = telegram.add_bot(3003, "stream_bot");
     let _bridge = stack
-        .bridge(bridge_config(DeliveryMode::Streaming), claude(&fake))
+        .bridge(
+            bridge_config(DeliveryMode::Streaming),
+            claude_providers(ClaudeConfig {
+                stream_deltas: true,
+                ..claude_config(&fake.base_url())
+            }),
+        )
         .await;
-    let config = TelegramConfig {
-        api_url: telegram.api_url(),
-        bots: vec![BotConfig {
-            token: token.clone(),
-        }],
-        poll_timeout: Duration::from_secs(1),
-        lease_ttl: Duration::from_secs(1),
-        egress: EgressConfig {
-            initial_backoff: Duration::from_millis(50),
-            ..EgressConfig::default()
-        },
-        rate: RateConfig {
-            per_chat: Duration::ZERO,
-            per_group_per_minute: 0,
-            per_bot_per_second: 0,
-        },
-        ..TelegramConfig::default()
-    };
-    let stop = CancellationToken::new();
-    let (bus_in, bus_out) = (stack.connect().await, stack.connect().await);
-    tokio::spawn(hg_telegram::run_ingress(
-        config.clone(),
-        bus_in,
-        stop.clone(),
-    ));
-    tokio::spawn(hg_telegram::run_egress(config, bus_out, stop.clone()));
+    let config = hg_e2e::telegram::config(&telegram, &[&token]);
+    let _ingress = stack.telegram_ingress(config.clone()).await;
+    let _egress = stack.telegram_egress(config).await;
 
     telegram.push_text(&token, &private_chat(9, "Ida"), &user(9, "Ida"), "tell me");
     write_slowly(&fake).await;
@@ -227,5 +204,4 @@ async fn on_telegram_the_message_is_edited_as_the_agent_writes() {
             .filter(|s| s.chat_id == 9)
             .all(|s| s.message_id == first)
     );
-    stop.cancel();
 }

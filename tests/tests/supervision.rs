@@ -2,18 +2,16 @@
 //! grants, timeouts, approvers, commands and pairing — through real NATS,
 //! the bridge, the web chat and the fake Managed Agents server.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use hg_bridge::BridgeConfig;
 use hg_bridge::access::{AccessMode, PairingStore};
 use hg_bridge::approvals::{Grant, GrantScope, GrantStore, Verdict};
 use hg_bridge::clock::ManualClock;
 use hg_bridge::commands::CustomCommand;
-use hg_bridge::provider::claude::{ClaudeConfig, ClaudeProvider};
 use hg_bridge::routing::Route;
-use hg_bridge::{BridgeConfig, Providers};
-use hg_e2e::{EventReader, Stack, WebUser, fast_bridge_config, providers_with};
+use hg_e2e::{Stack, WebUser, claude_config, claude_providers, fast_bridge_config};
 use hg_proto::{
     AgentEvent, ButtonPress, ChatType, InboundMessage, OutboundKind, OutboundMessage, Sender,
     agent_event, subject,
@@ -23,20 +21,6 @@ use hg_web::hub::WebEvent;
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(15);
-
-fn claude(base_url: &str) -> Providers {
-    let provider = ClaudeProvider::new(ClaudeConfig {
-        api_key: FakeClaude::API_KEY.into(),
-        base_url: base_url.into(),
-        retry_backoff: Duration::from_millis(50),
-        reconnect_backoff: Duration::from_millis(50),
-        reconnect_attempts: 3,
-        request_timeout: Duration::from_secs(5),
-        ..ClaudeConfig::default()
-    })
-    .unwrap();
-    providers_with(Arc::new(provider))
-}
 
 fn config() -> BridgeConfig {
     let mut config = BridgeConfig {
@@ -53,36 +37,6 @@ fn config() -> BridgeConfig {
     config
 }
 
-/// The next event of `kind`, skipping others.
-async fn next_kind(events: &mut EventReader, kind: &str) -> WebEvent {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let event = events
-            .next_message(left)
-            .await
-            .unwrap_or_else(|| panic!("no {kind} event"));
-        if event.kind == kind {
-            return event;
-        }
-    }
-}
-
-/// The tool confirmations the runtime received, as (result, deny message).
-fn confirmations(fake: &FakeClaude) -> Vec<(String, Option<String>)> {
-    let session = fake.sessions().pop().expect("a session");
-    fake.user_events(&session)
-        .into_iter()
-        .filter(|e| e["type"] == "user.tool_confirmation")
-        .map(|e| {
-            (
-                e["result"].as_str().unwrap_or_default().to_owned(),
-                e["deny_message"].as_str().map(str::to_owned),
-            )
-        })
-        .collect()
-}
-
 fn button<'a>(event: &'a WebEvent, label_prefix: &str) -> &'a hg_web::hub::WebButton {
     event
         .buttons
@@ -95,14 +49,16 @@ fn button<'a>(event: &'a WebEvent, label_prefix: &str) -> &'a hg_web::hub::WebBu
 async fn a_tool_request_is_approved_by_button_and_the_message_shows_who_decided() {
     let stack = Stack::start().await;
     let fake = FakeClaude::start().await;
-    let _bridge = stack.bridge(config(), claude(&fake.base_url())).await;
+    let _bridge = stack
+        .bridge(config(), claude_providers(claude_config(&fake.base_url())))
+        .await;
     let (_web, url) = stack.default_web().await;
     let mut audit = stack.bus.client().subscribe("hg.events.>").await.unwrap();
     let user = WebUser::signup(&url).await;
     let mut events = user.events(None).await;
 
     user.send("tool:rm -rf build").await;
-    let request = next_kind(&mut events, "approval_request").await;
+    let request = events.next_kind("approval_request", WAIT).await;
     assert!(request.text.contains("bash"), "{}", request.text);
     assert!(
         request.text.contains("command: rm -rf build"),
@@ -111,19 +67,19 @@ async fn a_tool_request_is_approved_by_button_and_the_message_shows_who_decided(
     );
     let labels: Vec<&str> = request.buttons.iter().map(|b| b.label.as_str()).collect();
     assert_eq!(labels.len(), 4, "{labels:?}");
-    assert!(confirmations(&fake).is_empty(), "nothing decided yet");
+    assert!(fake.tool_confirmations().is_empty(), "nothing decided yet");
 
     user.press(button(&request, "Allow")).await;
-    let edit = next_kind(&mut events, "edit").await;
+    let edit = events.next_kind("edit", WAIT).await;
     assert_eq!(
         edit.outbound_id, request.outbound_id,
         "the approval message is edited"
     );
     assert!(edit.text.contains("✅ Allowed by"), "{}", edit.text);
     assert!(edit.buttons.is_empty(), "no buttons after the decision");
-    let reply = next_kind(&mut events, "reply").await;
+    let reply = events.next_kind("reply", WAIT).await;
     assert_eq!(reply.text, "done: rm -rf build");
-    assert_eq!(confirmations(&fake), vec![("allow".to_owned(), None)]);
+    assert_eq!(fake.tool_confirmations(), vec![("allow".to_owned(), None)]);
 
     // Both the request and the decision are on the audit trail.
     let mut seen = Vec::new();
@@ -151,7 +107,9 @@ async fn a_tool_request_is_approved_by_button_and_the_message_shows_who_decided(
 async fn every_text_form_reaches_the_agent_as_exactly_that_decision() {
     let stack = Stack::start().await;
     let fake = FakeClaude::start().await;
-    let _bridge = stack.bridge(config(), claude(&fake.base_url())).await;
+    let _bridge = stack
+        .bridge(config(), claude_providers(claude_config(&fake.base_url())))
+        .await;
     let (_web, url) = stack.default_web().await;
     let user = WebUser::signup(&url).await;
     let mut events = user.events(None).await;
@@ -179,13 +137,13 @@ async fn every_text_form_reaches_the_agent_as_exactly_that_decision() {
     ];
     for (i, (form, result, reason)) in forms.iter().enumerate() {
         user.send(&format!("tool:step {i}")).await;
-        next_kind(&mut events, "approval_request").await;
+        events.next_kind("approval_request", WAIT).await;
         user.send(form).await;
-        let edit = next_kind(&mut events, "edit").await;
+        let edit = events.next_kind("edit", WAIT).await;
         let icon = if *result == "allow" { "✅" } else { "🚫" };
         assert!(edit.text.contains(icon), "{form}: {}", edit.text);
-        next_kind(&mut events, "reply").await;
-        let got = confirmations(&fake).pop().unwrap();
+        events.next_kind("reply", WAIT).await;
+        let got = fake.tool_confirmations().pop().unwrap();
         assert_eq!(
             got,
             (result.to_string(), reason.map(str::to_owned)),
@@ -194,15 +152,15 @@ async fn every_text_form_reaches_the_agent_as_exactly_that_decision() {
     }
     // Something else while a request is pending is not taken as an answer.
     user.send("tool:final").await;
-    next_kind(&mut events, "approval_request").await;
+    events.next_kind("approval_request", WAIT).await;
     user.send("what does it do?").await;
-    let nudge = next_kind(&mut events, "status").await;
+    let nudge = events.next_kind("status", WAIT).await;
     assert!(
         nudge.text.contains("waiting for a decision"),
         "{}",
         nudge.text
     );
-    assert_eq!(confirmations(&fake).len(), forms.len());
+    assert_eq!(fake.tool_confirmations().len(), forms.len());
 }
 
 #[tokio::test]
@@ -211,20 +169,24 @@ async fn grants_let_tools_through_until_they_expire_and_never_auto_tools_still_a
     let fake = FakeClaude::start().await;
     let clock = ManualClock::new();
     let _bridge = stack
-        .bridge_with_clock(config(), claude(&fake.base_url()), clock.clone())
+        .bridge_with_clock(
+            config(),
+            claude_providers(claude_config(&fake.base_url())),
+            clock.clone(),
+        )
         .await;
     let (_web, url) = stack.default_web().await;
     let user = WebUser::signup(&url).await;
     let mut events = user.events(None).await;
 
     user.send("tool:first").await;
-    let request = next_kind(&mut events, "approval_request").await;
+    let request = events.next_kind("approval_request", WAIT).await;
     user.press(button(&request, "Allow all")).await;
-    next_kind(&mut events, "reply").await;
+    events.next_kind("reply", WAIT).await;
 
     // Three tools at once: auto-approved, announced in one message.
     user.send("tools:3").await;
-    let notice = next_kind(&mut events, "status").await;
+    let notice = events.next_kind("status", WAIT).await;
     assert!(
         notice.text.contains("auto-approved 3 tools"),
         "{}",
@@ -235,13 +197,13 @@ async fn grants_let_tools_through_until_they_expire_and_never_auto_tools_still_a
         "{}",
         notice.text
     );
-    let reply = next_kind(&mut events, "reply").await;
+    let reply = events.next_kind("reply", WAIT).await;
     assert_eq!(reply.text, "done: tools:3");
-    assert_eq!(confirmations(&fake).len(), 4);
+    assert_eq!(fake.tool_confirmations().len(), 4);
 
     // /status shows the grant.
     user.send("/status").await;
-    let status = next_kind(&mut events, "status").await;
+    let status = events.next_kind("status", WAIT).await;
     assert!(
         status.text.contains("Grant: Allow all (30 min left)"),
         "{}",
@@ -251,14 +213,14 @@ async fn grants_let_tools_through_until_they_expire_and_never_auto_tools_still_a
     // 31 minutes later the grant is over: asked again.
     clock.advance(Duration::from_secs(31 * 60));
     user.send("tool:later").await;
-    let request = next_kind(&mut events, "approval_request").await;
+    let request = events.next_kind("approval_request", WAIT).await;
     assert!(request.text.contains("later"));
 
     // "allow bash": this tool for the session.
     user.send("allow bash").await;
-    next_kind(&mut events, "reply").await;
+    events.next_kind("reply", WAIT).await;
     user.send("tool:again").await;
-    let notice = next_kind(&mut events, "status").await;
+    let notice = events.next_kind("status", WAIT).await;
     assert!(
         notice
             .text
@@ -266,7 +228,7 @@ async fn grants_let_tools_through_until_they_expire_and_never_auto_tools_still_a
         "{}",
         notice.text
     );
-    next_kind(&mut events, "reply").await;
+    events.next_kind("reply", WAIT).await;
 }
 
 #[tokio::test]
@@ -277,7 +239,11 @@ async fn never_auto_approve_tools_ask_despite_a_grant() {
     config.approvals.never_auto_approve = vec!["bash".into()];
     let clock = ManualClock::new();
     let _bridge = stack
-        .bridge_with_clock(config, claude(&fake.base_url()), clock.clone())
+        .bridge_with_clock(
+            config,
+            claude_providers(claude_config(&fake.base_url())),
+            clock.clone(),
+        )
         .await;
     let (_web, url) = stack.default_web().await;
     let user = WebUser::signup(&url).await;
@@ -298,16 +264,16 @@ async fn never_auto_approve_tools_ask_despite_a_grant() {
         .await
         .unwrap();
     user.send("tool:dangerous").await;
-    let request = next_kind(&mut events, "approval_request").await;
+    let request = events.next_kind("approval_request", WAIT).await;
     assert_eq!(
         request.buttons.len(),
         2,
         "no grant buttons for a never-auto tool"
     );
     user.send("allow all").await;
-    let refused = next_kind(&mut events, "status").await;
+    let refused = events.next_kind("status", WAIT).await;
     assert!(refused.text.contains("always asks"), "{}", refused.text);
-    assert!(confirmations(&fake).is_empty());
+    assert!(fake.tool_confirmations().is_empty());
 }
 
 fn clock_now(clock: &ManualClock) -> i64 {
@@ -319,29 +285,33 @@ fn clock_now(clock: &ManualClock) -> i64 {
 async fn a_pending_approval_survives_a_bridge_restart() {
     let stack = Stack::start().await;
     let fake = FakeClaude::start().await;
-    let bridge = stack.bridge(config(), claude(&fake.base_url())).await;
+    let bridge = stack
+        .bridge(config(), claude_providers(claude_config(&fake.base_url())))
+        .await;
     let (_web, url) = stack.default_web().await;
     let user = WebUser::signup(&url).await;
     let mut events = user.events(None).await;
     user.send("tool:migrate").await;
-    let request = next_kind(&mut events, "approval_request").await;
+    let request = events.next_kind("approval_request", WAIT).await;
     bridge.kill().await;
-    let _bridge = stack.bridge(config(), claude(&fake.base_url())).await;
+    let _bridge = stack
+        .bridge(config(), claude_providers(claude_config(&fake.base_url())))
+        .await;
     user.press(button(&request, "Deny")).await;
-    let edit = next_kind(&mut events, "edit").await;
+    let edit = events.next_kind("edit", WAIT).await;
     assert!(edit.text.contains("🚫 Denied by"), "{}", edit.text);
-    let reply = next_kind(&mut events, "reply").await;
+    let reply = events.next_kind("reply", WAIT).await;
     assert_eq!(reply.text, "done: migrate");
-    assert_eq!(confirmations(&fake), vec![("deny".to_owned(), None)]);
+    assert_eq!(fake.tool_confirmations(), vec![("deny".to_owned(), None)]);
     // A second press is told it was decided already.
     user.press(button(&request, "Allow")).await;
-    let late = next_kind(&mut events, "status").await;
+    let late = events.next_kind("status", WAIT).await;
     assert!(
         late.text.contains("Already decided: 🚫 Denied"),
         "{}",
         late.text
     );
-    assert_eq!(confirmations(&fake).len(), 1);
+    assert_eq!(fake.tool_confirmations().len(), 1);
 }
 
 #[tokio::test]
@@ -352,20 +322,27 @@ async fn a_timed_out_request_gets_the_configured_outcome() {
     let mut config = config();
     config.approvals.on_timeout_per_tool = [("bash".to_owned(), Verdict::Allow)].into();
     let _bridge = stack
-        .bridge_with_clock(config, claude(&fake.base_url()), clock.clone())
+        .bridge_with_clock(
+            config,
+            claude_providers(claude_config(&fake.base_url())),
+            clock.clone(),
+        )
         .await;
     let (_web, url) = stack.default_web().await;
     let user = WebUser::signup(&url).await;
     let mut events = user.events(None).await;
     user.send("tool:nightly").await;
-    next_kind(&mut events, "approval_request").await;
+    events.next_kind("approval_request", WAIT).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert!(confirmations(&fake).is_empty(), "not before the timeout");
+    assert!(
+        fake.tool_confirmations().is_empty(),
+        "not before the timeout"
+    );
     clock.advance(Duration::from_secs(11 * 60));
-    let edit = next_kind(&mut events, "edit").await;
+    let edit = events.next_kind("edit", WAIT).await;
     assert!(edit.text.contains("⌛ Timed out, allowed"), "{}", edit.text);
-    next_kind(&mut events, "reply").await;
-    assert_eq!(confirmations(&fake), vec![("allow".to_owned(), None)]);
+    events.next_kind("reply", WAIT).await;
+    assert_eq!(fake.tool_confirmations(), vec![("allow".to_owned(), None)]);
 }
 
 /// A custom ingress for a group chat, straight on the bus.
@@ -443,7 +420,9 @@ async fn in_a_group_only_approvers_decide() {
     if let Some(route) = config.default_route.as_mut() {
         route.approvers = vec!["carol".into()];
     }
-    let _bridge = stack.bridge(config, claude(&fake.base_url())).await;
+    let _bridge = stack
+        .bridge(config, claude_providers(claude_config(&fake.base_url())))
+        .await;
     let mut group = Group::new(&stack).await;
     group.say("ana", "tool:deploy", None).await;
     let request = group.next(OutboundKind::ApprovalRequest).await;
@@ -461,7 +440,7 @@ async fn in_a_group_only_approvers_decide() {
         "{}",
         refused.text
     );
-    assert!(confirmations(&fake).is_empty());
+    assert!(fake.tool_confirmations().is_empty());
     group
         .say("carol", "Allow", Some((&allow.action_id, &allow.value)))
         .await;
@@ -469,7 +448,7 @@ async fn in_a_group_only_approvers_decide() {
     assert!(edit.text.contains("Allowed by @carol"), "{}", edit.text);
     let reply = group.next(OutboundKind::Reply).await;
     assert_eq!(reply.text, "done: deploy");
-    assert_eq!(confirmations(&fake), vec![("allow".to_owned(), None)]);
+    assert_eq!(fake.tool_confirmations(), vec![("allow".to_owned(), None)]);
 }
 
 #[tokio::test]
@@ -481,13 +460,15 @@ async fn commands_answer_and_stop_interrupts_a_running_turn() {
         name: "deploy".into(),
         description: "ship the build".into(),
     }];
-    let _bridge = stack.bridge(config, claude(&fake.base_url())).await;
+    let _bridge = stack
+        .bridge(config, claude_providers(claude_config(&fake.base_url())))
+        .await;
     let (_web, url) = stack.default_web().await;
     let user = WebUser::signup(&url).await;
     let mut events = user.events(None).await;
 
     user.send("/help").await;
-    let help = next_kind(&mut events, "status").await;
+    let help = events.next_kind("status", WAIT).await;
     for command in [
         "/status",
         "/new",
@@ -499,9 +480,9 @@ async fn commands_answer_and_stop_interrupts_a_running_turn() {
     }
 
     user.send("hello").await;
-    next_kind(&mut events, "reply").await;
+    events.next_kind("reply", WAIT).await;
     user.send("!usage").await;
-    let usage = next_kind(&mut events, "status").await;
+    let usage = events.next_kind("status", WAIT).await;
     assert!(usage.text.contains("model requests"), "{}", usage.text);
     assert!(usage.text.contains("input"), "{}", usage.text);
 
@@ -524,12 +505,12 @@ async fn commands_answer_and_stop_interrupts_a_running_turn() {
         }
     });
     user.send("/deploy prod").await;
-    let deployed = next_kind(&mut events, "status").await;
+    let deployed = events.next_kind("status", WAIT).await;
     assert_eq!(deployed.text, "deploying prod");
 
     // /new with a directory: Claude has none.
     user.send("/new /tmp").await;
-    let refused = next_kind(&mut events, "status").await;
+    let refused = events.next_kind("status", WAIT).await;
     assert!(
         refused.text.contains("does not work in a directory"),
         "{}",
@@ -543,12 +524,12 @@ async fn commands_answer_and_stop_interrupts_a_running_turn() {
     user.send("long task").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     user.send("/status").await;
-    let status = next_kind(&mut events, "status").await;
+    let status = events.next_kind("status", WAIT).await;
     assert!(status.text.contains("State: running"), "{}", status.text);
     user.send("/stop").await;
-    let partial = next_kind(&mut events, "reply").await;
+    let partial = events.next_kind("reply", WAIT).await;
     assert_eq!(partial.text, "working on it\n\n⏹ Stopped.");
-    let stopped = next_kind(&mut events, "status").await;
+    let stopped = events.next_kind("status", WAIT).await;
     assert_eq!(stopped.text, "⏹ Stopped.");
     let session = fake.sessions().pop().unwrap();
     assert!(
@@ -561,11 +542,11 @@ async fn commands_answer_and_stop_interrupts_a_running_turn() {
     fake.clear_reply();
     let before = fake.sessions().len();
     user.send("/new").await;
-    let fresh = next_kind(&mut events, "status").await;
+    let fresh = events.next_kind("status", WAIT).await;
     assert!(fresh.text.contains("New session"), "{}", fresh.text);
     assert_eq!(fake.sessions().len(), before + 1);
     user.send("/stop").await;
-    let nothing = next_kind(&mut events, "status").await;
+    let nothing = events.next_kind("status", WAIT).await;
     assert_eq!(nothing.text, "Nothing is running.");
 }
 
@@ -573,13 +554,15 @@ async fn commands_answer_and_stop_interrupts_a_running_turn() {
 async fn stop_cancels_pending_approvals() {
     let stack = Stack::start().await;
     let fake = FakeClaude::start().await;
-    let _bridge = stack.bridge(config(), claude(&fake.base_url())).await;
+    let _bridge = stack
+        .bridge(config(), claude_providers(claude_config(&fake.base_url())))
+        .await;
     let (_web, url) = stack.default_web().await;
     let user = WebUser::signup(&url).await;
     let mut events = user.events(None).await;
     user.send("tools:2").await;
-    next_kind(&mut events, "approval_request").await;
-    next_kind(&mut events, "approval_request").await;
+    events.next_kind("approval_request", WAIT).await;
+    events.next_kind("approval_request", WAIT).await;
     user.send("/stop").await;
     let mut edits = 0;
     let stopped = loop {
@@ -595,12 +578,12 @@ async fn stop_cancels_pending_approvals() {
     };
     assert_eq!(edits, 2);
     assert_eq!(stopped.text, "⏹ Stopped; 2 pending approvals cancelled.");
-    assert_eq!(confirmations(&fake).len(), 2);
-    assert!(confirmations(&fake).iter().all(|(r, _)| r == "deny"));
+    assert_eq!(fake.tool_confirmations().len(), 2);
+    assert!(fake.tool_confirmations().iter().all(|(r, _)| r == "deny"));
     // The conversation goes on normally.
     user.send("hello again").await;
     assert_eq!(
-        next_kind(&mut events, "reply").await.text,
+        events.next_kind("reply", WAIT).await.text,
         "echo: hello again"
     );
 }
@@ -613,12 +596,14 @@ async fn pairing_keeps_unknown_users_away_until_an_operator_approves() {
     if let Some(route) = config.default_route.as_mut() {
         route.access = AccessMode::Pairing;
     }
-    let _bridge = stack.bridge(config, claude(&fake.base_url())).await;
+    let _bridge = stack
+        .bridge(config, claude_providers(claude_config(&fake.base_url())))
+        .await;
     let (_web, url) = stack.default_web().await;
     let user = WebUser::signup(&url).await;
     let mut events = user.events(None).await;
     user.send("hello?").await;
-    let told = next_kind(&mut events, "status").await;
+    let told = events.next_kind("status", WAIT).await;
     let code = told
         .text
         .split("**")
@@ -627,7 +612,7 @@ async fn pairing_keeps_unknown_users_away_until_an_operator_approves() {
         .to_owned();
     assert_eq!(code.len(), 8, "{}", told.text);
     user.send("still there?").await;
-    let again = next_kind(&mut events, "status").await;
+    let again = events.next_kind("status", WAIT).await;
     assert!(again.text.contains(&code), "the same code while pending");
     assert!(fake.sessions().is_empty(), "nothing reached the agent");
 
@@ -648,7 +633,7 @@ async fn pairing_keeps_unknown_users_away_until_an_operator_approves() {
 
     user.send("hello now").await;
     assert_eq!(
-        next_kind(&mut events, "reply").await.text,
+        events.next_kind("reply", WAIT).await.text,
         "echo: hello now"
     );
     assert_eq!(fake.sessions().len(), 1);
@@ -662,13 +647,15 @@ async fn at_most_three_codes_wait_per_app() {
     if let Some(route) = config.default_route.as_mut() {
         route.access = AccessMode::Pairing;
     }
-    let _bridge = stack.bridge(config, claude(&fake.base_url())).await;
+    let _bridge = stack
+        .bridge(config, claude_providers(claude_config(&fake.base_url())))
+        .await;
     let (_web, url) = stack.default_web().await;
     for i in 0..4 {
         let user = WebUser::signup(&url).await;
         let mut events = user.events(None).await;
         user.send("hi").await;
-        let told = next_kind(&mut events, "status").await;
+        let told = events.next_kind("status", WAIT).await;
         if i < 3 {
             assert!(told.text.contains("pairing code"), "{}", told.text);
         } else {
@@ -681,27 +668,29 @@ async fn at_most_three_codes_wait_per_app() {
 async fn list_and_attach_continue_an_existing_session() {
     let stack = Stack::start().await;
     let fake = FakeClaude::start().await;
-    let _bridge = stack.bridge(config(), claude(&fake.base_url())).await;
+    let _bridge = stack
+        .bridge(config(), claude_providers(claude_config(&fake.base_url())))
+        .await;
     let (_web, url) = stack.default_web().await;
     // Ana's conversation makes a session with some history.
     let ana = WebUser::signup(&url).await;
     let mut ana_events = ana.events(None).await;
     ana.send("the plan is to ship on Friday").await;
-    next_kind(&mut ana_events, "reply").await;
+    ana_events.next_kind("reply", WAIT).await;
     let ana_session = fake.sessions().pop().unwrap();
 
     let bob = WebUser::signup(&url).await;
     let mut events = bob.events(None).await;
     bob.send("hi").await;
-    next_kind(&mut events, "reply").await;
+    events.next_kind("reply", WAIT).await;
     bob.send("/list").await;
-    let list = next_kind(&mut events, "status").await;
+    let list = events.next_kind("status", WAIT).await;
     assert!(list.text.contains("1. "), "{}", list.text);
     assert!(list.text.contains("← this chat"), "{}", list.text);
     assert!(list.text.contains(&ana_session), "{}", list.text);
     // Newest first: Bob's own session is 1, Ana's is 2.
     bob.send("/attach 2").await;
-    let attached = next_kind(&mut events, "status").await;
+    let attached = events.next_kind("status", WAIT).await;
     assert!(attached.text.contains("📎 Attached"), "{}", attached.text);
     assert!(
         attached.text.contains("the plan is to ship on Friday"),
@@ -709,14 +698,14 @@ async fn list_and_attach_continue_an_existing_session() {
         attached.text
     );
     bob.send("and then?").await;
-    next_kind(&mut events, "reply").await;
+    events.next_kind("reply", WAIT).await;
     assert_eq!(
         fake.user_messages(&ana_session).last().map(String::as_str),
         Some("and then?"),
         "the message went to the attached session"
     );
     bob.send("/attach 9").await;
-    let missing = next_kind(&mut events, "status").await;
+    let missing = events.next_kind("status", WAIT).await;
     assert!(missing.text.contains("no session 9"), "{}", missing.text);
 }
 
@@ -733,7 +722,9 @@ async fn repeated_runtime_errors_in_a_conversation_produce_one_notice() {
     );
     let mut config = config();
     config.max_attempts = 10;
-    let _bridge = stack.bridge(config, claude(&fake.base_url())).await;
+    let _bridge = stack
+        .bridge(config, claude_providers(claude_config(&fake.base_url())))
+        .await;
     let (_web, url) = stack.default_web().await;
     let user = WebUser::signup(&url).await;
     let mut events = user.events(None).await;
@@ -763,17 +754,19 @@ async fn repeated_runtime_errors_in_a_conversation_produce_one_notice() {
 async fn several_requests_are_answered_one_by_one_and_the_turn_goes_on_after_the_last() {
     let stack = Stack::start().await;
     let fake = FakeClaude::start().await;
-    let _bridge = stack.bridge(config(), claude(&fake.base_url())).await;
+    let _bridge = stack
+        .bridge(config(), claude_providers(claude_config(&fake.base_url())))
+        .await;
     let (_web, url) = stack.default_web().await;
     let user = WebUser::signup(&url).await;
     let mut events = user.events(None).await;
     user.send("tools:2").await;
-    let first = next_kind(&mut events, "approval_request").await;
-    let second = next_kind(&mut events, "approval_request").await;
+    let first = events.next_kind("approval_request", WAIT).await;
+    let second = events.next_kind("approval_request", WAIT).await;
     assert!(first.text.contains("step 1") && second.text.contains("step 2"));
     // Text answers the oldest pending request.
     user.send("allow").await;
-    let edit = next_kind(&mut events, "edit").await;
+    let edit = events.next_kind("edit", WAIT).await;
     assert_eq!(edit.outbound_id, first.outbound_id);
     // The runtime re-announces what is left; nothing else happens yet.
     let quiet: Vec<_> = events
@@ -787,11 +780,11 @@ async fn several_requests_are_answered_one_by_one_and_the_turn_goes_on_after_the
         "no reply before the last answer: {quiet:?}"
     );
     user.press(button(&second, "Deny")).await;
-    let edit = next_kind(&mut events, "edit").await;
+    let edit = events.next_kind("edit", WAIT).await;
     assert_eq!(edit.outbound_id, second.outbound_id);
-    assert_eq!(next_kind(&mut events, "reply").await.text, "done: tools:2");
+    assert_eq!(events.next_kind("reply", WAIT).await.text, "done: tools:2");
     assert_eq!(
-        confirmations(&fake),
+        fake.tool_confirmations(),
         vec![("allow".to_owned(), None), ("deny".to_owned(), None)]
     );
 }
@@ -808,13 +801,15 @@ async fn an_allowlist_route_serves_only_its_users() {
         route.access = AccessMode::Allowlist;
         route.allowlist = vec![insider.user_id.clone()];
     }
-    let _bridge = stack.bridge(config, claude(&fake.base_url())).await;
+    let _bridge = stack
+        .bridge(config, claude_providers(claude_config(&fake.base_url())))
+        .await;
     let mut outside = outsider.events(None).await;
     outsider.send("let me in").await;
-    let refused = next_kind(&mut outside, "status").await;
+    let refused = outside.next_kind("status", WAIT).await;
     assert!(refused.text.contains("not allowed"), "{}", refused.text);
     assert!(fake.sessions().is_empty(), "nothing reached the agent");
     let mut inside = insider.events(None).await;
     insider.send("hello").await;
-    assert_eq!(next_kind(&mut inside, "reply").await.text, "echo: hello");
+    assert_eq!(inside.next_kind("reply", WAIT).await.text, "echo: hello");
 }

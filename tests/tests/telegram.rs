@@ -7,93 +7,21 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use hg_bus::Bus;
-use hg_e2e::{Stack, dead_letters};
-use hg_egress::EgressConfig;
+use hg_e2e::{Component, Stack, dead_letters};
 use hg_proto::{
     Attachment, Button, DeliveryReceipt, InboundMessage, OutboundKind, OutboundMessage, subject,
 };
-use hg_telegram::{BotConfig, Mode, RateConfig, TelegramConfig, WebhookConfig};
+use hg_telegram::{Mode, WebhookConfig};
 use hg_testkit::fake_telegram::{
     Failure, FakeTelegram, Sent, parse_html, private_chat, supergroup, user,
 };
 use serde_json::json;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(30);
 const BOT_ID: i64 = 1001;
 const BOT_NAME: &str = "helper_bot";
 
-/// A Telegram component running in this process.
-struct Running {
-    stop: CancellationToken,
-    handle: JoinHandle<()>,
-}
-
-impl Running {
-    async fn stop(self) {
-        self.stop.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.handle).await;
-    }
-
-    /// A crash: dropped mid-work, nothing released.
-    async fn kill(self) {
-        self.handle.abort();
-        let _ = self.handle.await;
-    }
-}
-
-async fn ingress(stack: &Stack, config: TelegramConfig) -> Running {
-    let bus = stack.connect().await;
-    let stop = CancellationToken::new();
-    let token = stop.clone();
-    let handle = tokio::spawn(async move {
-        if let Err(e) = hg_telegram::run_ingress(config, bus, token).await {
-            panic!("telegram ingress failed: {e}");
-        }
-    });
-    Running { stop, handle }
-}
-
-async fn egress(stack: &Stack, config: TelegramConfig) -> Running {
-    let bus = stack.connect().await;
-    let stop = CancellationToken::new();
-    let token = stop.clone();
-    let handle = tokio::spawn(async move {
-        if let Err(e) = hg_telegram::run_egress(config, bus, token).await {
-            panic!("telegram egress failed: {e}");
-        }
-    });
-    Running { stop, handle }
-}
-
-/// Settings with short timings and no proactive pacing (its unit tests
-/// cover it), so tests run fast.
-fn config(fake: &FakeTelegram, tokens: &[&str]) -> TelegramConfig {
-    TelegramConfig {
-        api_url: fake.api_url(),
-        bots: tokens
-            .iter()
-            .map(|t| BotConfig {
-                token: (*t).to_owned(),
-            })
-            .collect(),
-        poll_timeout: Duration::from_secs(1),
-        lease_ttl: Duration::from_secs(1),
-        typing_interval: Duration::from_millis(150),
-        egress: EgressConfig {
-            initial_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_millis(500),
-            ..EgressConfig::default()
-        },
-        rate: RateConfig {
-            per_chat: Duration::ZERO,
-            per_group_per_minute: 0,
-            per_bot_per_second: 0,
-        },
-        ..TelegramConfig::default()
-    }
-}
+use hg_e2e::telegram::config;
 
 /// A stack with the echo bridge, a fake Bot API with one bot, and the
 /// Telegram ingress and egress.
@@ -101,7 +29,7 @@ struct World {
     stack: Stack,
     fake: FakeTelegram,
     token: String,
-    _parts: Vec<Running>,
+    _parts: Vec<Component>,
     _bridge: hg_e2e::Component,
 }
 
@@ -111,8 +39,8 @@ async fn world() -> World {
     let token = fake.add_bot(BOT_ID, BOT_NAME);
     let bridge = stack.echo_bridge().await;
     let parts = vec![
-        ingress(&stack, config(&fake, &[&token])).await,
-        egress(&stack, config(&fake, &[&token])).await,
+        stack.telegram_ingress(config(&fake, &[&token])).await,
+        stack.telegram_egress(config(&fake, &[&token])).await,
     ];
     World {
         stack,
@@ -415,13 +343,13 @@ async fn a_killed_ingress_loses_no_update_and_answers_none_twice() {
     let fake = FakeTelegram::start().await;
     let token = fake.add_bot(BOT_ID, BOT_NAME);
     let _bridge = stack.echo_bridge().await;
-    let _egress = egress(&stack, config(&fake, &[&token])).await;
+    let _egress = stack.telegram_egress(config(&fake, &[&token])).await;
     let chat = private_chat(5, "Ana");
     let ana = user(5, "Ana");
     for n in 0..15 {
         fake.push_text(&token, &chat, &ana, &format!("message {n}"));
     }
-    let first = ingress(&stack, config(&fake, &[&token])).await;
+    let first = stack.telegram_ingress(config(&fake, &[&token])).await;
     fake.wait_sent(WAIT, |s| s.len() >= 3)
         .await
         .expect("the first ingress got going");
@@ -429,7 +357,7 @@ async fn a_killed_ingress_loses_no_update_and_answers_none_twice() {
     for n in 15..30 {
         fake.push_text(&token, &chat, &ana, &format!("message {n}"));
     }
-    let _second = ingress(&stack, config(&fake, &[&token])).await;
+    let _second = stack.telegram_ingress(config(&fake, &[&token])).await;
     fake.wait_sent(WAIT, |s| s.len() >= 30)
         .await
         .unwrap_or_else(|| panic!("replies missing: {:?}", texts(&fake.sent())));
@@ -451,8 +379,8 @@ async fn two_replicas_poll_each_bot_once_and_fail_over() {
     let tokens = [fake.add_bot(2001, "one_bot"), fake.add_bot(2002, "two_bot")];
     let token_refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
     let _bridge = stack.echo_bridge().await;
-    let _egress = egress(&stack, config(&fake, &token_refs)).await;
-    let a = ingress(&stack, config(&fake, &token_refs)).await;
+    let _egress = stack.telegram_egress(config(&fake, &token_refs)).await;
+    let a = stack.telegram_ingress(config(&fake, &token_refs)).await;
     // Replica A polls both bots before B exists.
     let deadline = Instant::now() + WAIT;
     while fake
@@ -467,7 +395,7 @@ async fn two_replicas_poll_each_bot_once_and_fail_over() {
         assert!(Instant::now() < deadline, "replica a never polled");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let b = ingress(&stack, config(&fake, &token_refs)).await;
+    let b = stack.telegram_ingress(config(&fake, &token_refs)).await;
     let ana = user(5, "Ana");
     for (i, token) in tokens.iter().enumerate() {
         fake.push_text(token, &private_chat(5, "Ana"), &ana, &format!("to bot {i}"));
@@ -506,7 +434,7 @@ async fn a_conflicting_poller_gets_409s_until_it_is_gone() {
     let fake = FakeTelegram::start().await;
     let token = fake.add_bot(BOT_ID, BOT_NAME);
     let _bridge = stack.echo_bridge().await;
-    let _egress = egress(&stack, config(&fake, &[&token])).await;
+    let _egress = stack.telegram_egress(config(&fake, &[&token])).await;
     // Someone else long-polls the same bot for 2 s (another deployment).
     let rogue = tokio::spawn(
         reqwest::Client::new()
@@ -519,7 +447,7 @@ async fn a_conflicting_poller_gets_409s_until_it_is_gone() {
         assert!(Instant::now() < deadline, "the rogue poll did not arrive");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let _ingress = ingress(&stack, config(&fake, &[&token])).await;
+    let _ingress = stack.telegram_ingress(config(&fake, &[&token])).await;
     while fake.conflicts(&token) == 0 {
         assert!(
             Instant::now() < deadline,
@@ -560,8 +488,8 @@ async fn the_webhook_refuses_a_wrong_secret_and_publishes_before_answering() {
         public_url: base.clone(),
         secret_token: "s3cret-Token_1".into(),
     };
-    let _ingress = ingress(&stack, webhook_config.clone()).await;
-    let _egress = egress(&stack, webhook_config).await;
+    let _ingress = stack.telegram_ingress(webhook_config.clone()).await;
+    let _egress = stack.telegram_egress(webhook_config).await;
     let http = reqwest::Client::new();
     let deadline = Instant::now() + WAIT;
     while http.get(format!("{base}/healthz")).send().await.is_err() {
@@ -617,8 +545,8 @@ async fn a_photo_reaches_the_bridge_through_the_object_store_and_a_document_goes
     let mut tg = config(&fake, &[&token]);
     tg.max_file_bytes = 1000;
     let _bridge = stack.echo_bridge().await;
-    let _ingress = ingress(&stack, tg.clone()).await;
-    let _egress = egress(&stack, tg).await;
+    let _ingress = stack.telegram_ingress(tg.clone()).await;
+    let _egress = stack.telegram_egress(tg).await;
     let mut inbound = collect::<InboundMessage>(&stack.bus, "hg.in.telegram.>").await;
     let photo: Vec<u8> = (0..700u32).map(|i| (i % 251) as u8).collect();
     let (file_id, unique) = fake.add_file(photo.clone(), "photos/file_1.jpg");

@@ -3,19 +3,13 @@
 //! message is edited to show who decided, and the agent goes on — through
 //! the fake Bot API, real NATS, the bridge and the fake Managed Agents API.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use hg_bridge::BridgeConfig;
-use hg_bridge::provider::claude::{ClaudeConfig, ClaudeProvider};
 use hg_bridge::routing::Route;
-use hg_e2e::{Component, Stack, fast_bridge_config, providers_with};
-use hg_egress::EgressConfig;
-use hg_telegram::{BotConfig, RateConfig, TelegramConfig};
+use hg_e2e::{Component, Stack, claude_config, claude_providers, fast_bridge_config};
 use hg_testkit::fake_claude::FakeClaude;
 use hg_testkit::fake_telegram::{FakeTelegram, Sent, private_chat, supergroup, user};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(20);
 const BOT_ID: i64 = 2002;
@@ -26,7 +20,7 @@ struct World {
     telegram: FakeTelegram,
     token: String,
     _bridge: Component,
-    _parts: Vec<(CancellationToken, JoinHandle<()>)>,
+    _parts: Vec<Component>,
 }
 
 async fn world(approvers: Vec<String>) -> World {
@@ -34,15 +28,6 @@ async fn world(approvers: Vec<String>) -> World {
     let claude = FakeClaude::start().await;
     let telegram = FakeTelegram::start().await;
     let token = telegram.add_bot(BOT_ID, "ops_bot");
-    let provider = ClaudeProvider::new(ClaudeConfig {
-        api_key: FakeClaude::API_KEY.into(),
-        base_url: claude.base_url(),
-        retry_backoff: Duration::from_millis(50),
-        reconnect_backoff: Duration::from_millis(50),
-        request_timeout: Duration::from_secs(5),
-        ..ClaudeConfig::default()
-    })
-    .unwrap();
     let bridge = stack
         .bridge(
             BridgeConfig {
@@ -55,7 +40,7 @@ async fn world(approvers: Vec<String>) -> World {
                 }),
                 ..fast_bridge_config()
             },
-            providers_with(Arc::new(provider)),
+            claude_providers(claude_config(&claude.base_url())),
         )
         .await;
     // The bridge publishes its command list; the ingress advertises it.
@@ -72,42 +57,11 @@ async fn world(approvers: Vec<String>) -> World {
         assert!(tokio::time::Instant::now() < deadline, "no command list");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let config = TelegramConfig {
-        api_url: telegram.api_url(),
-        bots: vec![BotConfig {
-            token: token.clone(),
-        }],
-        poll_timeout: Duration::from_secs(1),
-        lease_ttl: Duration::from_secs(1),
-        egress: EgressConfig {
-            initial_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_millis(500),
-            ..EgressConfig::default()
-        },
-        rate: RateConfig {
-            per_chat: Duration::ZERO,
-            per_group_per_minute: 0,
-            per_bot_per_second: 0,
-        },
-        ..TelegramConfig::default()
-    };
-    let mut parts = Vec::new();
-    for ingress in [true, false] {
-        let (bus, config) = (stack.connect().await, config.clone());
-        let stop = CancellationToken::new();
-        let token = stop.clone();
-        let handle = tokio::spawn(async move {
-            let result = if ingress {
-                hg_telegram::run_ingress(config, bus, token).await
-            } else {
-                hg_telegram::run_egress(config, bus, token).await
-            };
-            if let Err(e) = result {
-                panic!("telegram component failed: {e}");
-            }
-        });
-        parts.push((stop, handle));
-    }
+    let config = hg_e2e::telegram::config(&telegram, &[&token]);
+    let parts = vec![
+        stack.telegram_ingress(config.clone()).await,
+        stack.telegram_egress(config).await,
+    ];
     World {
         _stack: stack,
         claude,
@@ -137,20 +91,6 @@ fn texts(fake: &FakeTelegram) -> Vec<String> {
     fake.sent()
         .iter()
         .map(|s| format!("{}: {}", s.method, s.visible_text))
-        .collect()
-}
-
-fn confirmations(fake: &FakeClaude) -> Vec<(String, Option<String>)> {
-    let session = fake.sessions().pop().expect("a session");
-    fake.user_events(&session)
-        .into_iter()
-        .filter(|e| e["type"] == "user.tool_confirmation")
-        .map(|e| {
-            (
-                e["result"].as_str().unwrap_or_default().to_owned(),
-                e["deny_message"].as_str().map(str::to_owned),
-            )
-        })
         .collect()
 }
 
@@ -206,7 +146,10 @@ async fn a_tool_request_is_allowed_with_an_inline_button() {
         edited.reply_markup
     );
     sent_with(&w.telegram, "sendmessage", "done: deploy prod").await;
-    assert_eq!(confirmations(&w.claude), vec![("allow".to_owned(), None)]);
+    assert_eq!(
+        w.claude.tool_confirmations(),
+        vec![("allow".to_owned(), None)]
+    );
     assert!(!w.telegram.calls("answerCallbackQuery").is_empty());
 }
 
@@ -228,7 +171,7 @@ async fn a_text_reply_denies_with_a_reason_and_non_approvers_are_refused_in_grou
     w.telegram
         .push_callback(&w.token, &ana, &request.json, &data);
     sent_with(&w.telegram, "sendmessage", "only approvers can answer").await;
-    assert!(confirmations(&w.claude).is_empty());
+    assert!(w.claude.tool_confirmations().is_empty());
     // The approver answers in text, replying to the bot.
     w.telegram.push_message(
         &w.token,
@@ -244,7 +187,7 @@ async fn a_text_reply_denies_with_a_reason_and_non_approvers_are_refused_in_grou
     );
     sent_with(&w.telegram, "sendmessage", "done: drop table users").await;
     assert_eq!(
-        confirmations(&w.claude),
+        w.claude.tool_confirmations(),
         vec![("deny".to_owned(), Some("never on production".to_owned()))]
     );
 }

@@ -8,13 +8,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use hg_e2e::{Stack, dead_letters};
-use hg_egress::EgressConfig;
 use hg_proto::{OutboundKind, OutboundMessage, subject};
+use hg_telegram::TelegramConfig;
 use hg_telegram::apps::{self, AppsError};
-use hg_telegram::{BotConfig, RateConfig, TelegramConfig};
 use hg_testkit::fake_telegram::{FakeTelegram, Sent, private_chat, user};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -52,66 +49,11 @@ fn capture_logs() -> Arc<Mutex<Vec<u8>>> {
     }))
 }
 
-struct Running {
-    stop: CancellationToken,
-    handle: JoinHandle<()>,
-}
-
-impl Running {
-    async fn stop(self) {
-        self.stop.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.handle).await;
-    }
-}
-
-async fn ingress(stack: &Stack, config: TelegramConfig) -> Running {
-    let bus = stack.connect().await;
-    let stop = CancellationToken::new();
-    let token = stop.clone();
-    let handle = tokio::spawn(async move {
-        if let Err(e) = hg_telegram::run_ingress(config, bus, token).await {
-            panic!("telegram ingress failed: {e}");
-        }
-    });
-    Running { stop, handle }
-}
-
-async fn egress(stack: &Stack, config: TelegramConfig) -> Running {
-    let bus = stack.connect().await;
-    let stop = CancellationToken::new();
-    let token = stop.clone();
-    let handle = tokio::spawn(async move {
-        if let Err(e) = hg_telegram::run_egress(config, bus, token).await {
-            panic!("telegram egress failed: {e}");
-        }
-    });
-    Running { stop, handle }
-}
-
+/// The shared test settings, giving up on a delivery after two attempts.
 fn config(fake: &FakeTelegram, tokens: &[&str]) -> TelegramConfig {
-    TelegramConfig {
-        api_url: fake.api_url(),
-        bots: tokens
-            .iter()
-            .map(|t| BotConfig {
-                token: (*t).to_owned(),
-            })
-            .collect(),
-        poll_timeout: Duration::from_secs(1),
-        lease_ttl: Duration::from_secs(1),
-        egress: EgressConfig {
-            initial_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_millis(500),
-            max_attempts: 2,
-            ..EgressConfig::default()
-        },
-        rate: RateConfig {
-            per_chat: Duration::ZERO,
-            per_group_per_minute: 0,
-            per_bot_per_second: 0,
-        },
-        ..TelegramConfig::default()
-    }
+    let mut config = hg_e2e::telegram::config(fake, tokens);
+    config.egress.max_attempts = 2;
+    config
 }
 
 /// The bot that sent `m` (the `from` of the returned Message).
@@ -136,9 +78,9 @@ async fn an_added_bot_is_polled_by_one_replica_answered_and_stops_when_removed()
     let added = fake.add_bot(2002, "added_bot");
     let _bridge = stack.echo_bridge().await;
     // Two ingress replicas and an egress, all started before the app exists.
-    let ingress_a = ingress(&stack, config(&fake, &[&configured])).await;
-    let ingress_b = ingress(&stack, config(&fake, &[&configured])).await;
-    let egress = egress(&stack, config(&fake, &[&configured])).await;
+    let ingress_a = stack.telegram_ingress(config(&fake, &[&configured])).await;
+    let ingress_b = stack.telegram_ingress(config(&fake, &[&configured])).await;
+    let egress = stack.telegram_egress(config(&fake, &[&configured])).await;
     let chat = private_chat(5, "Ana");
     let ana = user(5, "Ana");
     fake.push_text(&configured, &chat, &ana, "to the configured bot");

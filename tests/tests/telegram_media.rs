@@ -7,63 +7,18 @@ use std::time::Duration;
 use futures::StreamExt;
 use hg_bus::Bus;
 use hg_e2e::{Stack, dead_letters};
-use hg_egress::EgressConfig;
 use hg_proto::{
     Attachment, DeliveryReceipt, InboundMessage, OutboundKind, OutboundMessage, subject,
 };
-use hg_telegram::{BotConfig, RateConfig, TelegramConfig};
+use hg_telegram::TelegramConfig;
 use hg_testkit::fake_telegram::{FakeTelegram, private_chat, user};
 use serde_json::json;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(30);
 const BOT_ID: i64 = 3001;
 
-struct Running {
-    stop: CancellationToken,
-    handle: JoinHandle<()>,
-}
-
-impl Running {
-    async fn stop(self) {
-        self.stop.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.handle).await;
-    }
-}
-
-async fn egress(stack: &Stack, config: TelegramConfig) -> Running {
-    let bus = stack.connect().await;
-    let stop = CancellationToken::new();
-    let token = stop.clone();
-    let handle = tokio::spawn(async move {
-        if let Err(e) = hg_telegram::run_egress(config, bus, token).await {
-            panic!("telegram egress failed: {e}");
-        }
-    });
-    Running { stop, handle }
-}
-
 fn config(fake: &FakeTelegram, token: &str) -> TelegramConfig {
-    TelegramConfig {
-        api_url: fake.api_url(),
-        bots: vec![BotConfig {
-            token: token.to_owned(),
-        }],
-        poll_timeout: Duration::from_secs(1),
-        lease_ttl: Duration::from_secs(1),
-        egress: EgressConfig {
-            initial_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_millis(500),
-            ..EgressConfig::default()
-        },
-        rate: RateConfig {
-            per_chat: Duration::ZERO,
-            per_group_per_minute: 0,
-            per_bot_per_second: 0,
-        },
-        ..TelegramConfig::default()
-    }
+    hg_e2e::telegram::config(fake, &[token])
 }
 
 async fn collect<M: hg_proto::BusMessage + Send + 'static>(
@@ -119,7 +74,7 @@ async fn an_edit_of_a_photo_replaces_its_caption() {
     let stack = Stack::start().await;
     let fake = FakeTelegram::start().await;
     let token = fake.add_bot(BOT_ID, "media_bot");
-    let egress = egress(&stack, config(&fake, &token)).await;
+    let egress = stack.telegram_egress(config(&fake, &token)).await;
     let mut receipts = collect::<DeliveryReceipt>(&stack.bus, "hg.receipt.telegram.>").await;
 
     let mut photo = outbound("p-1", OutboundKind::Reply, "a *first* caption");
@@ -192,7 +147,7 @@ async fn an_edit_of_a_text_still_edits_the_text() {
     let stack = Stack::start().await;
     let fake = FakeTelegram::start().await;
     let token = fake.add_bot(BOT_ID, "media_bot");
-    let egress = egress(&stack, config(&fake, &token)).await;
+    let egress = stack.telegram_egress(config(&fake, &token)).await;
     let mut receipts = collect::<DeliveryReceipt>(&stack.bus, "hg.receipt.telegram.>").await;
     publish(&stack.bus, &outbound("t-1", OutboundKind::Reply, "draft")).await;
     assert!(next(&mut receipts, "the text's receipt").await.delivered);
@@ -205,18 +160,6 @@ async fn an_edit_of_a_text_still_edits_the_text() {
     egress.stop().await;
 }
 
-async fn ingress(stack: &Stack, config: TelegramConfig) -> Running {
-    let bus = stack.connect().await;
-    let stop = CancellationToken::new();
-    let token = stop.clone();
-    let handle = tokio::spawn(async move {
-        if let Err(e) = hg_telegram::run_ingress(config, bus, token).await {
-            panic!("telegram ingress failed: {e}");
-        }
-    });
-    Running { stop, handle }
-}
-
 #[tokio::test]
 async fn an_album_of_three_photos_is_one_message_with_three_attachments() {
     let stack = Stack::start().await;
@@ -225,7 +168,7 @@ async fn an_album_of_three_photos_is_one_message_with_three_attachments() {
     let mut tg = config(&fake, &token);
     tg.album_window = Duration::from_millis(700);
     let mut inbound = collect::<InboundMessage>(&stack.bus, "hg.in.telegram.>").await;
-    let ingress = ingress(&stack, tg).await;
+    let ingress = stack.telegram_ingress(tg).await;
     let chat = private_chat(5, "Ana");
     let ana = user(5, "Ana");
     let mut pushed = Vec::new();

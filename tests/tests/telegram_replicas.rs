@@ -6,12 +6,9 @@ use std::time::Duration;
 
 use hg_bus::Bus;
 use hg_e2e::{Stack, dead_letters};
-use hg_egress::EgressConfig;
 use hg_proto::{OutboundKind, OutboundMessage, subject};
-use hg_telegram::{BotConfig, RateConfig, TelegramConfig};
+use hg_telegram::{RateConfig, TelegramConfig};
 use hg_testkit::fake_telegram::{FakeTelegram, FloodLimits, Sent};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 const BOT_ID: i64 = 5001;
 /// The pacing under test, scaled down from Telegram's so the test is quick.
@@ -19,48 +16,15 @@ const PER_CHAT: Duration = Duration::from_millis(250);
 const PER_BOT_PER_SECOND: u32 = 5;
 const PER_GROUP_PER_MINUTE: u32 = 8;
 
-struct Running {
-    stop: CancellationToken,
-    handle: JoinHandle<()>,
-}
-
-impl Running {
-    async fn stop(self) {
-        self.stop.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.handle).await;
-    }
-}
-
-async fn egress(stack: &Stack, config: TelegramConfig) -> Running {
-    let bus = stack.connect().await;
-    let stop = CancellationToken::new();
-    let token = stop.clone();
-    let handle = tokio::spawn(async move {
-        if let Err(e) = hg_telegram::run_egress(config, bus, token).await {
-            panic!("telegram egress failed: {e}");
-        }
-    });
-    Running { stop, handle }
-}
-
+/// The shared test settings with the pacing under test.
 fn config(fake: &FakeTelegram, token: &str) -> TelegramConfig {
     TelegramConfig {
-        api_url: fake.api_url(),
-        bots: vec![BotConfig {
-            token: token.to_owned(),
-        }],
-        lease_ttl: Duration::from_secs(1),
-        egress: EgressConfig {
-            initial_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_millis(500),
-            ..EgressConfig::default()
-        },
         rate: RateConfig {
             per_chat: PER_CHAT,
             per_group_per_minute: PER_GROUP_PER_MINUTE,
             per_bot_per_second: PER_BOT_PER_SECOND,
         },
-        ..TelegramConfig::default()
+        ..hg_e2e::telegram::config(fake, &[token])
     }
 }
 
@@ -125,8 +89,8 @@ async fn two_egress_replicas_keep_the_flood_limits_and_the_order_and_fail_over()
     let stack = Stack::start().await;
     let fake = FakeTelegram::start().await;
     let token = fake.add_bot(BOT_ID, "paced_bot");
-    let a = egress(&stack, config(&fake, &token)).await;
-    let b = egress(&stack, config(&fake, &token)).await;
+    let a = stack.telegram_egress(config(&fake, &token)).await;
+    let b = stack.telegram_egress(config(&fake, &token)).await;
     // Three private chats and a group: 20 messages, at most 5 a second.
     let chats = [11, 12, 13, -100900];
     round(&stack, &fake, &chats, 5, "one").await;
@@ -143,7 +107,7 @@ async fn two_egress_replicas_keep_the_flood_limits_and_the_order_and_fail_over()
     // carry on; then the same the other way round.
     a.stop().await;
     round(&stack, &fake, &[11, 12], 3, "two").await;
-    let a = egress(&stack, config(&fake, &token)).await;
+    let a = stack.telegram_egress(config(&fake, &token)).await;
     b.stop().await;
     round(&stack, &fake, &[11, 12], 3, "three").await;
     let violations = fake.flood_violations(&limits());

@@ -206,6 +206,24 @@ impl FakeClaude {
             .collect()
     }
 
+    /// The tool confirmations the newest session received, in order, as
+    /// (`result`, `deny_message`).
+    pub fn tool_confirmations(&self) -> Vec<(String, Option<String>)> {
+        let Some(session) = self.sessions().pop() else {
+            return Vec::new();
+        };
+        self.user_events(&session)
+            .into_iter()
+            .filter(|e| e["type"] == "user.tool_confirmation")
+            .map(|e| {
+                (
+                    e["result"].as_str().unwrap_or_default().to_owned(),
+                    e["deny_message"].as_str().map(str::to_owned),
+                )
+            })
+            .collect()
+    }
+
     /// The session's whole history, oldest first.
     pub fn events(&self, session: &str) -> Vec<Value> {
         self.with_session(session, |log| {
