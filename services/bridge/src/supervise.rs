@@ -84,6 +84,17 @@ struct Resolved {
 }
 
 impl Bridge {
+    /// Tells the user a request they answered no longer waits.
+    async fn no_longer_pending(&self, message: &InboundMessage) -> Outcome {
+        self.notify(
+            message,
+            "approval-unknown",
+            "❔ That request is no longer pending.",
+        )
+        .await;
+        Outcome::Done
+    }
+
     // ----- access control -------------------------------------------------
 
     /// Whether the sender may use `route`; tells them why not where useful.
@@ -522,18 +533,10 @@ impl Bridge {
         let approval = match self.approvals.get(key, approval_id).await {
             Ok(Some((approval, _))) => approval,
             Ok(None) => {
-                self.notify(
-                    message,
-                    "approval-unknown",
-                    "❔ That request is no longer pending.",
-                )
-                .await;
-                return Outcome::Done;
+                return self.no_longer_pending(message).await;
             }
             Err(e) => {
-                return Outcome::Retry {
-                    reason: e.to_string(),
-                };
+                return Outcome::retry(e);
             }
         };
         let sender = sender_id(message);
@@ -695,18 +698,10 @@ impl Bridge {
                 return Outcome::Done;
             }
             Ok(DecideOutcome::Unknown) => {
-                self.notify(
-                    message,
-                    "approval-unknown",
-                    "❔ That request is no longer pending.",
-                )
-                .await;
-                return Outcome::Done;
+                return self.no_longer_pending(message).await;
             }
             Err(e) => {
-                return Outcome::Retry {
-                    reason: e.to_string(),
-                };
+                return Outcome::retry(e);
             }
         };
         let decided = approval.decided.clone().unwrap_or(resolved.decided);
@@ -721,9 +716,7 @@ impl Bridge {
             {
                 Ok(()) => {}
                 Err(e @ (ProviderError::Unavailable(_) | ProviderError::RateLimited { .. })) => {
-                    return Outcome::Retry {
-                        reason: e.to_string(),
-                    };
+                    return Outcome::retry(e);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, approval = %approval.id, "runtime did not take the decision")
@@ -857,9 +850,7 @@ impl Bridge {
             Ok(Some((approval, _))) => approval,
             Ok(None) => return Outcome::Done,
             Err(e) => {
-                return Outcome::Retry {
-                    reason: e.to_string(),
-                };
+                return Outcome::retry(e);
             }
         };
         if approval.decided.is_some() || approval.expires_ms > self.clock.now_ms() {
@@ -1106,18 +1097,14 @@ impl Bridge {
             Command::Status => match self.status_text(key, message, route, provider).await {
                 Ok(text) => text,
                 Err(e) => {
-                    return Outcome::Retry {
-                        reason: e.to_string(),
-                    };
+                    return Outcome::retry(e);
                 }
             },
             Command::Usage => match self.sessions.get(key).await {
                 Ok(Some(record)) => usage_text(&record),
                 Ok(None) => "No session yet: nothing used.".to_owned(),
                 Err(e) => {
-                    return Outcome::Retry {
-                        reason: e.to_string(),
-                    };
+                    return Outcome::retry(e);
                 }
             },
             Command::Custom { name, args } => self.custom_command(message, &name, &args).await,

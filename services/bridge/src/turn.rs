@@ -110,6 +110,15 @@ pub(crate) enum Outcome {
     Busy { owner: String },
 }
 
+impl Outcome {
+    /// Try again later, because of `reason`.
+    pub(crate) fn retry(reason: impl std::fmt::Display) -> Outcome {
+        Outcome::Retry {
+            reason: reason.to_string(),
+        }
+    }
+}
+
 impl Bridge {
     pub(crate) async fn reject_malformed(&self, delivery: Delivery, error: BusError) {
         delivery
@@ -160,9 +169,7 @@ impl Bridge {
                     }
                 }
                 Ok((Claim::Theirs(owner), _)) => Outcome::Busy { owner },
-                Err(e) => Outcome::Retry {
-                    reason: e.to_string(),
-                },
+                Err(e) => Outcome::retry(e),
             };
             let ours = !matches!(outcome, Outcome::Busy { .. });
             match outcome {
@@ -260,9 +267,7 @@ impl Bridge {
         let record = match self.load_record(key).await {
             Ok(record) => record,
             Err(e) => {
-                return Outcome::Retry {
-                    reason: e.to_string(),
-                };
+                return Outcome::retry(e);
             }
         };
         let record = record.filter(|r| {
