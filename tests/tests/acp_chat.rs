@@ -239,3 +239,30 @@ async fn allow_dir_lets_the_agent_work_in_that_directory_without_asking() {
         "chosen: allow-once"
     );
 }
+
+#[tokio::test]
+async fn with_two_bridge_replicas_a_conversation_stays_with_its_agent() {
+    let root = tempfile::tempdir().unwrap();
+    let stack = Stack::start().await;
+    let config = || BridgeConfig {
+        session_lease_linger: Duration::from_millis(100),
+        ..bridge_config()
+    };
+    let _a = stack.bridge(config(), acp(root.path())).await;
+    let _b = stack.bridge(config(), acp(root.path())).await;
+    let (_web, url) = stack.default_web().await;
+    let user = WebUser::signup(&url).await;
+    let mut events = user.events(None).await;
+    let mut sessions = Vec::new();
+    for _ in 0..4 {
+        user.send("session-id").await;
+        sessions.push(events.next_kind("reply", WAIT).await.text);
+        // Longer than the linger: an idle conversation would move on.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert!(sessions[0].starts_with("session: "), "{sessions:?}");
+    assert!(
+        sessions.iter().all(|s| *s == sessions[0]),
+        "one agent session throughout: {sessions:?}"
+    );
+}

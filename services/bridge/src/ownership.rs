@@ -111,6 +111,50 @@ impl Ownership {
         self.lease.ttl() / 3
     }
 
+    /// Keeps `key` while no work is running for it, for conversations
+    /// whose runtime lives in this process (an ACP agent started here):
+    /// the lease is refreshed until new work starts (which refreshes it
+    /// itself and calls this again when done), the lease is lost, or the
+    /// replica stops, when it is released so another replica takes over
+    /// at once.
+    pub(crate) fn keep(self: &std::sync::Arc<Self>, key: &str) {
+        let generation = {
+            let held = self.held.lock().expect("held lock");
+            match held.get(key) {
+                Some(h) => h.generation,
+                None => return,
+            }
+        };
+        let this = std::sync::Arc::clone(self);
+        let key = key.to_owned();
+        self.tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(this.refresh_every()) => {}
+                    () = this.shutdown.cancelled() => {
+                        let revision = this.held.lock().expect("held lock").remove(&key).map(|h| h.revision);
+                        if let Some(revision) = revision {
+                            let _ = this.lease.release(&key, revision).await;
+                        }
+                        return;
+                    }
+                }
+                let current = this.held.lock().expect("held lock").get(&key).map(|h| h.generation);
+                if current != Some(generation) {
+                    return;
+                }
+                match this.refresh(&key).await {
+                    Ok(Claim::Ours(_)) => {}
+                    Ok(Claim::Theirs(owner)) => {
+                        tracing::warn!(owner = %owner, "a kept conversation moved to another replica");
+                        return;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot refresh a kept conversation"),
+                }
+            }
+        });
+    }
+
     /// Work on `key` is done for now: release it after the linger unless
     /// more work for it starts meanwhile.
     pub(crate) fn idle(self: &std::sync::Arc<Self>, key: &str) {

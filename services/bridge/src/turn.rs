@@ -197,7 +197,18 @@ impl Bridge {
                 Outcome::Retry { reason } => self.retry_or_give_up(&delivery, &message, &reason).await,
             }
             if ours && queued == 0 {
-                self.ownership.idle(&lease_key);
+                // A runtime living in this process (an ACP agent) keeps its
+                // conversation here; others move on after the linger.
+                let local = self
+                    .ownership
+                    .cached_record(&lease_key)
+                    .and_then(|r| self.providers.get(&r.runtime).cloned())
+                    .is_some_and(|p| p.capabilities().in_process);
+                if local {
+                    self.ownership.keep(&lease_key);
+                } else {
+                    self.ownership.idle(&lease_key);
+                }
             }
             None
         }

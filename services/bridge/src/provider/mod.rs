@@ -114,6 +114,9 @@ pub struct Capabilities {
     pub working_directory: bool,
     /// Existing sessions can be listed and attached to (`/list`, `/attach`).
     pub list_sessions: bool,
+    /// Sessions live in this bridge process (an agent it started), so a
+    /// conversation stays on the replica that holds its session.
+    pub in_process: bool,
 }
 
 /// Session state as the runtime reports it.

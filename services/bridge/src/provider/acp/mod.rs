@@ -408,6 +408,7 @@ impl Provider for AcpProvider {
             tool_confirmation: true,
             interrupt: true,
             working_directory: true,
+            in_process: true,
             ..Capabilities::default()
         }
     }
