@@ -483,8 +483,10 @@ fn async_stream(
     async move {
         let hub = Arc::clone(&state.hub);
         let owned = OwnedConnection::new(hub, &app, &user);
+        // Boxed: the replay's JetStream future is large, and inline it would
+        // size this stream — held by every idle connection — for it.
         let replayed = match after {
-            Some(after) => match hub::replay(&state.bus, &app, &user, after).await {
+            Some(after) => match Box::pin(hub::replay(&state.bus, &app, &user, after)).await {
                 Ok(events) => events,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot replay missed replies");
