@@ -192,14 +192,28 @@ async fn shared_token_key(meta: &async_nats::jetstream::kv::Store) -> Result<Vec
         reason: e.to_string(),
     };
     let fresh = Authenticator::random_key();
-    match meta.create(KEY, fresh.clone().into()).await {
-        Ok(_) => Ok(fresh),
-        Err(_) => meta
-            .get(KEY)
-            .await
-            .map_err(|e| kv_error(&e))?
-            .map(|b| b.to_vec())
-            .ok_or_else(|| kv_error(&"token key vanished")),
+    // The first replica creates the key, the others read it. A create that
+    // fails otherwise (a timeout under load) may or may not have stored the
+    // key: try again until one of the two answers.
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let failure = match meta.create(KEY, fresh.clone().into()).await {
+            Ok(_) => return Ok(fresh),
+            Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {
+                match meta.get(KEY).await {
+                    Ok(Some(key)) => return Ok(key.to_vec()),
+                    Ok(None) => "the key was deleted meanwhile".to_owned(),
+                    Err(e) => e.to_string(),
+                }
+            }
+            Err(e) => e.to_string(),
+        };
+        if attempt >= 10 {
+            return Err(kv_error(&failure));
+        }
+        tracing::warn!(attempt, reason = %failure, "cannot set up the token key yet, retrying");
+        tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
     }
 }
 
