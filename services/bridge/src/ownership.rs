@@ -111,6 +111,12 @@ impl Ownership {
         self.lease.ttl() / 3
     }
 
+    /// The use counter of a conversation we hold.
+    fn generation(&self, key: &str) -> Option<u64> {
+        let held = self.held.lock().expect("held lock");
+        held.get(key).map(|h| h.generation)
+    }
+
     /// Keeps `key` while no work is running for it, for conversations
     /// whose runtime lives in this process (an ACP agent started here):
     /// the lease is refreshed until new work starts (which refreshes it
@@ -118,12 +124,8 @@ impl Ownership {
     /// replica stops, when it is released so another replica takes over
     /// at once.
     pub(crate) fn keep(self: &std::sync::Arc<Self>, key: &str) {
-        let generation = {
-            let held = self.held.lock().expect("held lock");
-            match held.get(key) {
-                Some(h) => h.generation,
-                None => return,
-            }
+        let Some(generation) = self.generation(key) else {
+            return;
         };
         let this = std::sync::Arc::clone(self);
         let key = key.to_owned();
@@ -139,8 +141,7 @@ impl Ownership {
                         return;
                     }
                 }
-                let current = this.held.lock().expect("held lock").get(&key).map(|h| h.generation);
-                if current != Some(generation) {
+                if this.generation(&key) != Some(generation) {
                     return;
                 }
                 match this.refresh(&key).await {
@@ -158,12 +159,8 @@ impl Ownership {
     /// Work on `key` is done for now: release it after the linger unless
     /// more work for it starts meanwhile.
     pub(crate) fn idle(self: &std::sync::Arc<Self>, key: &str) {
-        let generation = {
-            let held = self.held.lock().expect("held lock");
-            match held.get(key) {
-                Some(h) => h.generation,
-                None => return,
-            }
+        let Some(generation) = self.generation(key) else {
+            return;
         };
         let this = std::sync::Arc::clone(self);
         let key = key.to_owned();

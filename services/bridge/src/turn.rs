@@ -306,7 +306,9 @@ impl Bridge {
                     }
                 };
             }
-            if let Some(mut record) = record.clone() {
+            let about_approvals = message.button_press.is_some()
+                || record.as_ref().is_some_and(|r| r.waiting.is_some());
+            if about_approvals && let Some(mut record) = record.clone() {
                 if let Some(press) = message
                     .button_press
                     .as_ref()
@@ -796,12 +798,6 @@ impl Bridge {
         if stopped {
             buffer.stopped = true;
         }
-        if usage_changed || usage != UsageTotals::default() {
-            self.add_usage(record, usage);
-            if self.store_record(key, record).await.is_err() {
-                tracing::warn!("cannot store the session's usage");
-            }
-        }
         self.publish_reply(
             message,
             key,
@@ -810,7 +806,15 @@ impl Bridge {
             typing,
             stream.started.as_deref(),
         )
-        .await
+        .await?;
+        // Bookkeeping for /usage, after the user has the reply.
+        if usage_changed || usage != UsageTotals::default() {
+            self.add_usage(record, usage);
+            if self.store_record(key, record).await.is_err() {
+                tracing::warn!("cannot store the session's usage");
+            }
+        }
+        Ok(())
     }
 
     fn add_usage(&self, record: &mut SessionRecord, usage: UsageTotals) {
@@ -855,12 +859,7 @@ impl Bridge {
         out.turn_id = turn.turn_id.clone();
         // Same id on a resumed turn: the stream drops the duplicate.
         let msg_id = format!("{}:{}:reply", message.platform, message.id);
-        self.bus
-            .publish(
-                &subject::outbound(&message.platform, &message.app_id),
-                &out,
-                Some(&msg_id),
-            )
+        self.send_out(&out, Some(&msg_id))
             .await
             .map_err(TurnError::Bus)?;
         metrics::counter!("hg_bridge_replies_total").increment(1);
@@ -900,15 +899,7 @@ impl Bridge {
             "{}:{}:{}:{}",
             message.platform, message.id, stream_id, stream.updates
         );
-        match self
-            .bus
-            .publish(
-                &subject::outbound(&message.platform, &message.app_id),
-                &out,
-                Some(&msg_id),
-            )
-            .await
-        {
+        match self.send_out(&out, Some(&msg_id)).await {
             Ok(_) => {
                 stream.updates += 1;
                 stream.shown = text;
@@ -1097,8 +1088,7 @@ impl Bridge {
         let mut out = self.outbound(message, OutboundKind::Typing, String::new());
         out.typing_stop = !on;
         out.session_key = key.to_owned();
-        let subject = subject::outbound(&message.platform, &message.app_id);
-        if let Err(e) = self.bus.publish(&subject, &out, None).await {
+        if let Err(e) = self.send_out(&out, None).await {
             tracing::debug!(error = %e, "cannot publish typing");
         }
     }
@@ -1122,13 +1112,24 @@ impl Bridge {
         }
     }
 
+    /// Publishes an outbound message on its platform's subject.
+    pub(crate) async fn send_out(
+        &self,
+        out: &OutboundMessage,
+        msg_id: Option<&str>,
+    ) -> Result<(), BusError> {
+        self.bus
+            .publish(&subject::outbound(&out.platform, &out.app_id), out, msg_id)
+            .await
+            .map(|_| ())
+    }
+
     /// Sends a short status line to the user (idempotent per `tag`).
     pub(crate) async fn notify(&self, message: &InboundMessage, tag: &str, text: &str) {
         let mut out = self.outbound(message, OutboundKind::Status, text.to_owned());
         out.id = format!("{}:{tag}", message.id);
-        let subject = subject::outbound(&message.platform, &message.app_id);
         let msg_id = format!("{}:{}:{tag}", message.platform, message.id);
-        if let Err(e) = self.bus.publish(&subject, &out, Some(&msg_id)).await {
+        if let Err(e) = self.send_out(&out, Some(&msg_id)).await {
             tracing::warn!(error = %e, "cannot tell the user");
         }
     }

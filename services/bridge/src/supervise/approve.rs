@@ -214,12 +214,7 @@ impl Bridge {
             out.buttons = buttons;
             out.session_key = key.to_owned();
             out.turn_id = turn.turn_id.clone();
-            self.bus
-                .publish(
-                    &subject::outbound(&message.platform, &message.app_id),
-                    &out,
-                    Some(&format!("approval:{key}:{id}")),
-                )
+            self.send_out(&out, Some(&format!("approval:{key}:{id}")))
                 .await
                 .map_err(TurnError::Bus)?;
             self.audit(
@@ -702,15 +697,7 @@ impl Bridge {
         };
         out.buttons.clear();
         let msg_id = format!("approval:{}:{}:decided", approval.session_key, approval.id);
-        if let Err(e) = self
-            .bus
-            .publish(
-                &subject::outbound(&approval.platform, &approval.app_id),
-                &out,
-                Some(&msg_id),
-            )
-            .await
-        {
+        if let Err(e) = self.send_out(&out, Some(&msg_id)).await {
             tracing::warn!(error = %e, "cannot edit the approval message");
         }
     }
