@@ -240,13 +240,20 @@ impl Bus {
     /// Opens a stream, creating it with `config` when missing.
     pub async fn ensure_stream(&self, config: stream::Config) -> Result<stream::Stream> {
         let name = config.name.clone();
-        self.js
-            .get_or_create_stream(config)
-            .await
-            .map_err(|e| BusError::Topology {
-                what: format!("stream {name}"),
-                reason: e.to_string(),
-            })
+        match self.js.get_or_create_stream(config).await {
+            Ok(stream) => Ok(stream),
+            // Another process created it between our lookup and our create
+            // (the server then answers "subjects overlap" or "name in use"):
+            // theirs is the one to use.
+            Err(e) => self
+                .js
+                .get_stream(&name)
+                .await
+                .map_err(|_| BusError::Topology {
+                    what: format!("stream {name}"),
+                    reason: e.to_string(),
+                }),
+        }
     }
 
     /// Opens a KV bucket, creating it with `config` when missing. Replicas
