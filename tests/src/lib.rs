@@ -386,6 +386,46 @@ impl EventReader {
     }
 }
 
+/// Decodes every bus message on `filter` into a channel, from now on.
+pub async fn collect<M: hg_proto::BusMessage + Send + 'static>(
+    bus: &Bus,
+    filter: &str,
+) -> tokio::sync::mpsc::UnboundedReceiver<M> {
+    let mut sub = bus.client().subscribe(filter.to_owned()).await.unwrap();
+    bus.client().flush().await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(message) = sub.next().await {
+            if let Ok(decoded) = hg_bus::decode::<M>(&message.payload)
+                && tx.send(decoded).is_err()
+            {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// The next item of `rx`; panics naming `what` after 30 s.
+pub async fn next<T>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>, what: &str) -> T {
+    tokio::time::timeout(Duration::from_secs(30), rx.recv())
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+        .unwrap()
+}
+
+/// Publishes `message` on its platform's outbound subject, deduplicated by
+/// its id.
+pub async fn publish_outbound(bus: &Bus, message: &hg_proto::OutboundMessage) {
+    bus.publish(
+        &hg_proto::subject::outbound(&message.platform, &message.app_id),
+        message,
+        Some(&message.id),
+    )
+    .await
+    .unwrap();
+}
+
 /// Dead letters stored so far.
 pub async fn dead_letters(bus: &Bus) -> Vec<hg_proto::DeadLetter> {
     use async_nats::jetstream::consumer::{DeliverPolicy, pull};

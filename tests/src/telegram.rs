@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use hg_egress::EgressConfig;
+use hg_proto::{OutboundKind, OutboundMessage};
 use hg_telegram::{BotConfig, RateConfig, TelegramConfig};
 use hg_testkit::fake_telegram::FakeTelegram;
 use tokio_util::sync::CancellationToken;
@@ -35,6 +36,19 @@ pub fn config(fake: &FakeTelegram, tokens: &[&str]) -> TelegramConfig {
             per_bot_per_second: 0,
         },
         ..TelegramConfig::default()
+    }
+}
+
+/// An outbound message from bot `bot` to chat `chat`.
+pub fn outbound(bot: i64, chat: i64, id: &str, kind: OutboundKind, text: &str) -> OutboundMessage {
+    OutboundMessage {
+        id: id.into(),
+        platform: "telegram".into(),
+        app_id: bot.to_string(),
+        channel_id: chat.to_string(),
+        text: text.into(),
+        kind: kind as i32,
+        ..Default::default()
     }
 }
 

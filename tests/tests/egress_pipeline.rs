@@ -71,16 +71,6 @@ async fn start(bus: &Bus, platform: Arc<Recording>, config: EgressConfig) -> Can
     stop
 }
 
-async fn publish(bus: &Bus, message: &OutboundMessage) {
-    bus.publish(
-        &subject::outbound("fakechat", "app"),
-        message,
-        Some(&message.id),
-    )
-    .await
-    .unwrap();
-}
-
 async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     for _ in 0..200 {
         if done() {
@@ -123,7 +113,7 @@ async fn a_long_reply_arrives_as_ordered_parts_within_the_limit_with_fences_inta
         .unwrap();
     let text = long_reply();
     assert!(text.chars().count() > 9000, "{}", text.chars().count());
-    publish(&stack.bus, &outbound("long-1", "chat-1", &text)).await;
+    hg_e2e::publish_outbound(&stack.bus, &outbound("long-1", "chat-1", &text)).await;
 
     let receipt = tokio::time::timeout(Duration::from_secs(10), receipts.next())
         .await
@@ -193,7 +183,7 @@ async fn transient_failures_are_retried_after_the_platforms_wait_and_order_is_ke
     };
     let _stop = start(&stack.bus, Arc::clone(&platform), config).await;
     for i in 0..5 {
-        publish(
+        hg_e2e::publish_outbound(
             &stack.bus,
             &outbound(&format!("m{i}"), "chat-1", &format!("message {i}")),
         )
@@ -244,7 +234,7 @@ async fn a_message_that_keeps_failing_is_dead_lettered_and_the_user_told() {
         .subscribe(subject::receipt("fakechat", "app"))
         .await
         .unwrap();
-    publish(
+    hg_e2e::publish_outbound(
         &stack.bus,
         &outbound("doomed", "chat-9", "will not make it"),
     )
@@ -287,7 +277,7 @@ async fn a_permanent_refusal_is_not_retried() {
         .unwrap()
         .push_back(DeliveryError::Permanent("400 chat not found".into()));
     let _stop = start(&stack.bus, Arc::clone(&platform), EgressConfig::default()).await;
-    publish(&stack.bus, &outbound("bad-chat", "nowhere", "hello")).await;
+    hg_e2e::publish_outbound(&stack.bus, &outbound("bad-chat", "nowhere", "hello")).await;
     wait_until("the refusal and the notice", || {
         platform.attempts.lock().unwrap().len() >= 2
     })

@@ -5,9 +5,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use hg_bus::Bus;
-use hg_e2e::{Component, Stack, dead_letters};
+use hg_e2e::{Component, Stack, collect, dead_letters, next};
 use hg_proto::{
     Attachment, Button, DeliveryReceipt, InboundMessage, OutboundKind, OutboundMessage, subject,
 };
@@ -49,33 +47,6 @@ async fn world() -> World {
         _parts: parts,
         _bridge: bridge,
     }
-}
-
-/// Collects decoded messages of one type from a core subscription.
-async fn collect<M: hg_proto::BusMessage + Send + 'static>(
-    bus: &Bus,
-    filter: &str,
-) -> tokio::sync::mpsc::UnboundedReceiver<M> {
-    let mut sub = bus.client().subscribe(filter.to_owned()).await.unwrap();
-    bus.client().flush().await.unwrap();
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Some(message) = sub.next().await {
-            if let Ok(decoded) = hg_bus::decode::<M>(&message.payload)
-                && tx.send(decoded).is_err()
-            {
-                return;
-            }
-        }
-    });
-    rx
-}
-
-async fn next<T>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>, what: &str) -> T {
-    tokio::time::timeout(WAIT, rx.recv())
-        .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-        .unwrap()
 }
 
 /// Waits for a sent message whose visible text is `text`.
@@ -640,25 +611,7 @@ async fn a_photo_reaches_the_bridge_through_the_object_store_and_a_document_goes
 }
 
 fn outbound(id: &str, kind: OutboundKind, text: &str) -> OutboundMessage {
-    OutboundMessage {
-        id: id.into(),
-        platform: "telegram".into(),
-        app_id: BOT_ID.to_string(),
-        channel_id: "5".into(),
-        text: text.into(),
-        kind: kind as i32,
-        ..Default::default()
-    }
-}
-
-async fn publish(bus: &Bus, message: &OutboundMessage) {
-    bus.publish(
-        &subject::outbound("telegram", &BOT_ID.to_string()),
-        message,
-        Some(&message.id),
-    )
-    .await
-    .unwrap();
+    hg_e2e::telegram::outbound(BOT_ID, 5, id, kind, text)
 }
 
 #[tokio::test]
@@ -680,7 +633,7 @@ async fn a_button_press_reaches_the_bridge_and_the_callback_is_answered() {
             ..Default::default()
         },
     ];
-    publish(&w.stack.bus, &question).await;
+    hg_e2e::publish_outbound(&w.stack.bus, &question).await;
     let asked = reply(&w.fake, "Run rm -rf build?").await;
     let keyboard = asked.reply_markup.clone().expect("an inline keyboard");
     let buttons = keyboard["inline_keyboard"][0].as_array().unwrap();
@@ -729,13 +682,13 @@ async fn a_button_press_reaches_the_bridge_and_the_callback_is_answered() {
 #[tokio::test]
 async fn typing_is_refreshed_until_the_reply_and_edits_replace_text() {
     let w = world().await;
-    publish(&w.stack.bus, &outbound("t-1", OutboundKind::Typing, "")).await;
+    hg_e2e::publish_outbound(&w.stack.bus, &outbound("t-1", OutboundKind::Typing, "")).await;
     let deadline = Instant::now() + WAIT;
     while w.fake.calls("sendChatAction").len() < 3 {
         assert!(Instant::now() < deadline, "typing was not refreshed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    publish(
+    hg_e2e::publish_outbound(
         &w.stack.bus,
         &outbound("r-1", OutboundKind::Reply, "first *draft*"),
     )
@@ -751,7 +704,7 @@ async fn typing_is_refreshed_until_the_reply_and_edits_replace_text() {
     let mut receipts = collect::<DeliveryReceipt>(&w.stack.bus, "hg.receipt.telegram.>").await;
     let mut edit = outbound("e-1", OutboundKind::Edit, "final **text**");
     edit.edit_of = "r-1".into();
-    publish(&w.stack.bus, &edit).await;
+    hg_e2e::publish_outbound(&w.stack.bus, &edit).await;
     let edited = w
         .fake
         .wait_sent(WAIT, |s| s.iter().any(|m| m.method == "editmessagetext"))
@@ -767,7 +720,7 @@ async fn typing_is_refreshed_until_the_reply_and_edits_replace_text() {
     // The same edit again: Telegram says "not modified", which is success.
     let mut again = edit.clone();
     again.id = "e-2".into();
-    publish(&w.stack.bus, &again).await;
+    hg_e2e::publish_outbound(&w.stack.bus, &again).await;
     let receipt = next(&mut receipts, "the repeated edit's receipt").await;
     assert!(receipt.delivered, "{receipt:?}");
     assert_eq!(receipt.platform_message_ids, [first.message_id.to_string()]);

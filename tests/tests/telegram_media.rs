@@ -4,12 +4,8 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
-use hg_bus::Bus;
-use hg_e2e::{Stack, dead_letters};
-use hg_proto::{
-    Attachment, DeliveryReceipt, InboundMessage, OutboundKind, OutboundMessage, subject,
-};
+use hg_e2e::{Stack, collect, dead_letters, next};
+use hg_proto::{Attachment, DeliveryReceipt, InboundMessage, OutboundKind, OutboundMessage};
 use hg_telegram::TelegramConfig;
 use hg_testkit::fake_telegram::{FakeTelegram, private_chat, user};
 use serde_json::json;
@@ -21,52 +17,8 @@ fn config(fake: &FakeTelegram, token: &str) -> TelegramConfig {
     hg_e2e::telegram::config(fake, &[token])
 }
 
-async fn collect<M: hg_proto::BusMessage + Send + 'static>(
-    bus: &Bus,
-    filter: &str,
-) -> tokio::sync::mpsc::UnboundedReceiver<M> {
-    let mut sub = bus.client().subscribe(filter.to_owned()).await.unwrap();
-    bus.client().flush().await.unwrap();
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Some(message) = sub.next().await {
-            if let Ok(decoded) = hg_bus::decode::<M>(&message.payload)
-                && tx.send(decoded).is_err()
-            {
-                return;
-            }
-        }
-    });
-    rx
-}
-
-async fn next<T>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>, what: &str) -> T {
-    tokio::time::timeout(WAIT, rx.recv())
-        .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-        .unwrap()
-}
-
 fn outbound(id: &str, kind: OutboundKind, text: &str) -> OutboundMessage {
-    OutboundMessage {
-        id: id.into(),
-        platform: "telegram".into(),
-        app_id: BOT_ID.to_string(),
-        channel_id: "5".into(),
-        text: text.into(),
-        kind: kind as i32,
-        ..Default::default()
-    }
-}
-
-async fn publish(bus: &Bus, message: &OutboundMessage) {
-    bus.publish(
-        &subject::outbound("telegram", &BOT_ID.to_string()),
-        message,
-        Some(&message.id),
-    )
-    .await
-    .unwrap();
+    hg_e2e::telegram::outbound(BOT_ID, 5, id, kind, text)
 }
 
 #[tokio::test]
@@ -84,7 +36,7 @@ async fn an_edit_of_a_photo_replaces_its_caption() {
         data: vec![0x89, b'P', b'N', b'G', 1, 2, 3],
         ..Default::default()
     }];
-    publish(&stack.bus, &photo).await;
+    hg_e2e::publish_outbound(&stack.bus, &photo).await;
     let sent = next(&mut receipts, "the photo's receipt").await;
     assert!(sent.delivered, "{sent:?}");
     let photo_msg = fake
@@ -96,7 +48,7 @@ async fn an_edit_of_a_photo_replaces_its_caption() {
 
     let mut edit = outbound("p-1-edit", OutboundKind::Edit, "the **final** caption");
     edit.edit_of = "p-1".into();
-    publish(&stack.bus, &edit).await;
+    hg_e2e::publish_outbound(&stack.bus, &edit).await;
     let receipt = next(&mut receipts, "the edit's receipt").await;
     assert!(receipt.delivered, "{receipt:?}");
     assert_eq!(
@@ -119,14 +71,14 @@ async fn an_edit_of_a_photo_replaces_its_caption() {
     // The same caption again: "not modified" is success.
     let mut again = edit.clone();
     again.id = "p-1-edit-2".into();
-    publish(&stack.bus, &again).await;
+    hg_e2e::publish_outbound(&stack.bus, &again).await;
     let receipt = next(&mut receipts, "the repeated edit's receipt").await;
     assert!(receipt.delivered, "{receipt:?}");
     assert_eq!(fake.calls("editMessageCaption").len(), 2);
     // An edit of the edit goes to the photo too.
     let mut third = outbound("p-1-edit-3", OutboundKind::Edit, "third");
     third.edit_of = "p-1-edit".into();
-    publish(&stack.bus, &third).await;
+    hg_e2e::publish_outbound(&stack.bus, &third).await;
     assert!(
         next(&mut receipts, "the third edit's receipt")
             .await
@@ -149,11 +101,11 @@ async fn an_edit_of_a_text_still_edits_the_text() {
     let token = fake.add_bot(BOT_ID, "media_bot");
     let egress = stack.telegram_egress(config(&fake, &token)).await;
     let mut receipts = collect::<DeliveryReceipt>(&stack.bus, "hg.receipt.telegram.>").await;
-    publish(&stack.bus, &outbound("t-1", OutboundKind::Reply, "draft")).await;
+    hg_e2e::publish_outbound(&stack.bus, &outbound("t-1", OutboundKind::Reply, "draft")).await;
     assert!(next(&mut receipts, "the text's receipt").await.delivered);
     let mut edit = outbound("t-1-edit", OutboundKind::Edit, "final");
     edit.edit_of = "t-1".into();
-    publish(&stack.bus, &edit).await;
+    hg_e2e::publish_outbound(&stack.bus, &edit).await;
     assert!(next(&mut receipts, "the edit's receipt").await.delivered);
     assert_eq!(fake.calls("editMessageText").len(), 1);
     assert!(fake.calls("editMessageCaption").is_empty());

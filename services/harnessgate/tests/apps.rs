@@ -1,33 +1,23 @@
 //! `harnessgate apps` as an operator uses it, against a real nats-server
 //! and the fake Bot API.
 
-use std::process::{Command, Output};
+mod common;
+
+use std::process::Output;
+
+use common::text;
 
 use hg_testkit::fake_telegram::FakeTelegram;
 use hg_testkit::nats::NatsServer;
 
 fn harnessgate(nats: &NatsServer, api_url: &str, args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_harnessgate"));
-    for (key, _) in std::env::vars() {
-        if key.starts_with("HG_") || key.starts_with("ANTHROPIC_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.current_dir(std::env::temp_dir())
+    common::harnessgate()
         .env("HG_NATS__URL", nats.url())
         .env("HG_TELEGRAM__API_URL", api_url)
         .env("RUST_LOG", "trace")
         .args(args)
         .output()
         .expect("run harnessgate")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

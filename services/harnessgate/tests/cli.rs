@@ -1,18 +1,10 @@
 //! The binary as an operator uses it.
 
+mod common;
+
 use std::process::Command;
 
-fn harnessgate() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_harnessgate"));
-    // Start from a clean environment so the host's settings do not leak in.
-    for (key, _) in std::env::vars() {
-        if key.starts_with("HG_") || key.starts_with("ANTHROPIC_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.current_dir(std::env::temp_dir());
-    cmd
-}
+use common::harnessgate;
 
 #[test]
 fn config_check_prints_the_effective_config_without_secrets() {

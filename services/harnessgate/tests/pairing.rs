@@ -2,7 +2,11 @@
 //! a code the bridge issued is listed, approved (the user is told), and an
 //! unknown or repeated code is refused with a clear error.
 
-use std::process::{Command, Output};
+mod common;
+
+use std::process::Output;
+
+use common::text;
 
 use futures::StreamExt;
 use hg_bridge::access::{PairingConfig, PairingRequest, PairingStatus, PairingStore};
@@ -11,25 +15,11 @@ use hg_proto::OutboundMessage;
 use hg_testkit::nats::NatsServer;
 
 fn harnessgate(nats: &NatsServer, args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_harnessgate"));
-    for (key, _) in std::env::vars() {
-        if key.starts_with("HG_") || key.starts_with("ANTHROPIC_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.current_dir(std::env::temp_dir())
+    common::harnessgate()
         .env("HG_NATS__URL", nats.url())
         .args(args)
         .output()
         .expect("run harnessgate")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

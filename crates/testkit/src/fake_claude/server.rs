@@ -323,33 +323,55 @@ async fn create_session(
     Ok(axum::Json(value).into_response())
 }
 
+/// Cursor paging parameters as the list endpoints take them: `limit`
+/// (1–1000, default 20), `order` (`asc`/`desc`), `page` (a cursor of
+/// ours, `page_<offset>`).
+struct Page {
+    limit: usize,
+    descending: bool,
+    offset: usize,
+}
+
+impl Page {
+    fn parse(params: &[(String, String)], descending: bool) -> Result<Page, ApiError> {
+        let mut page = Page {
+            limit: 20,
+            descending,
+            offset: 0,
+        };
+        for (name, value) in params {
+            match name.as_str() {
+                "limit" => match value.parse::<usize>() {
+                    Ok(n) if (1..=1000).contains(&n) => page.limit = n,
+                    _ => return Err(bad_request("limit: must be between 1 and 1000")),
+                },
+                "order" => match value.as_str() {
+                    "asc" => page.descending = false,
+                    "desc" => page.descending = true,
+                    _ => return Err(bad_request("order: must be asc or desc")),
+                },
+                "page" => match value.strip_prefix("page_").and_then(|n| n.parse().ok()) {
+                    Some(n) => page.offset = n,
+                    None => return Err(bad_request("page: invalid cursor")),
+                },
+                _ => {}
+            }
+        }
+        Ok(page)
+    }
+}
+
 /// `GET /v1/sessions`: newest first by default, cursor pages
 /// (`{"data","next_page","prev_page"}`), archived ones left out.
 async fn list_sessions(
     State(shared): State<Arc<Shared>>,
     Query(params): Query<Vec<(String, String)>>,
 ) -> Result<Response, ApiError> {
-    let mut limit = 20usize;
-    let mut descending = true;
-    let mut offset = 0usize;
-    for (name, value) in &params {
-        match name.as_str() {
-            "limit" => match value.parse::<usize>() {
-                Ok(n) if (1..=1000).contains(&n) => limit = n,
-                _ => return Err(bad_request("limit: must be between 1 and 1000")),
-            },
-            "order" => match value.as_str() {
-                "asc" => descending = false,
-                "desc" => descending = true,
-                _ => return Err(bad_request("order: must be asc or desc")),
-            },
-            "page" => match value.strip_prefix("page_").and_then(|n| n.parse().ok()) {
-                Some(n) => offset = n,
-                None => return Err(bad_request("page: invalid cursor")),
-            },
-            _ => {}
-        }
-    }
+    let Page {
+        limit,
+        descending,
+        offset,
+    } = Page::parse(&params, true)?;
     let mut ids: Vec<String> = lock(&shared.session_order).clone();
     if descending {
         ids.reverse();
@@ -449,32 +471,16 @@ async fn list_events(
     Path(id): Path<String>,
     Query(params): Query<Vec<(String, String)>>,
 ) -> Result<Response, ApiError> {
-    let mut limit = 20usize;
-    let mut descending = false;
-    let mut offset = 0usize;
+    let Page {
+        limit,
+        descending,
+        offset,
+    } = Page::parse(&params, false)?;
     let types: Vec<&str> = params
         .iter()
         .filter(|(name, _)| name == "types[]")
         .map(|(_, value)| value.as_str())
         .collect();
-    for (name, value) in &params {
-        match name.as_str() {
-            "limit" => match value.parse::<usize>() {
-                Ok(n) if (1..=1000).contains(&n) => limit = n,
-                _ => return Err(bad_request("limit: must be between 1 and 1000")),
-            },
-            "order" => match value.as_str() {
-                "asc" => descending = false,
-                "desc" => descending = true,
-                _ => return Err(bad_request("order: must be asc or desc")),
-            },
-            "page" => match value.strip_prefix("page_").and_then(|n| n.parse().ok()) {
-                Some(n) => offset = n,
-                None => return Err(bad_request("page: invalid cursor")),
-            },
-            _ => {}
-        }
-    }
     let session = find(&shared, &id)?;
     let log = lock(&session.log);
     let wanted: Vec<&StoredEvent> = log
