@@ -315,6 +315,58 @@ impl WebUser {
     }
 }
 
+impl WebUser {
+    /// Opens the WebSocket event stream (optionally after `last_event_id`)
+    /// and waits until it is live.
+    pub async fn socket(&self, last_event_id: Option<u64>) -> EventReader {
+        let ws_base = self.base.replacen("http://", "ws://", 1);
+        let mut url = format!("{ws_base}/api/v1/ws?token={}", self.token);
+        if let Some(id) = last_event_id {
+            url.push_str(&format!("&last_event_id={id}"));
+        }
+        let (socket, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("websocket handshake");
+        let frames = socket.filter_map(|frame| async move {
+            match frame {
+                Ok(tokio_tungstenite::tungstenite::Message::Text(text)) => {
+                    let event: serde_json::Value =
+                        serde_json::from_str(text.as_str()).expect("frame json");
+                    let kind = event["kind"].as_str().unwrap_or_default().to_owned();
+                    let id = event["seq"].as_u64().unwrap_or(0).to_string();
+                    Some(Ok(eventsource_stream::Event {
+                        event: kind,
+                        id,
+                        data: text.as_str().to_owned(),
+                        retry: None,
+                    }))
+                }
+                Ok(tokio_tungstenite::tungstenite::Message::Close(frame)) => {
+                    Some(Ok(eventsource_stream::Event {
+                        event: "close".into(),
+                        id: String::new(),
+                        data: frame
+                            .map(|f| u16::from(f.code).to_string())
+                            .unwrap_or_default(),
+                        retry: None,
+                    }))
+                }
+                Ok(_) => None,
+                Err(_) => None,
+            }
+        });
+        let mut reader = EventReader {
+            stream: Box::pin(frames),
+        };
+        let ready = reader
+            .next_raw(Duration::from_secs(5))
+            .await
+            .expect("ready frame");
+        assert_eq!(ready.0, "ready");
+        reader
+    }
+}
+
 type SseStream = std::pin::Pin<
     Box<
         dyn futures::Stream<
@@ -326,7 +378,7 @@ type SseStream = std::pin::Pin<
     >,
 >;
 
-/// Reads a user's SSE stream.
+/// Reads a user's event stream, SSE or WebSocket.
 pub struct EventReader {
     stream: SseStream,
 }
@@ -340,7 +392,8 @@ impl EventReader {
         Some((event.event, event.id, event.data))
     }
 
-    /// The next message event (typing skipped), or None after `timeout`.
+    /// The next message event (typing skipped), or None after `timeout`
+    /// or when the connection closed.
     pub async fn next_message(&mut self, timeout: Duration) -> Option<WebEvent> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -348,6 +401,9 @@ impl EventReader {
             let (kind, _id, data) = self.next_raw(left).await?;
             if kind == "typing" {
                 continue;
+            }
+            if kind == "close" {
+                return None;
             }
             return Some(serde_json::from_str(&data).expect("event json"));
         }
@@ -365,6 +421,19 @@ impl EventReader {
                 .unwrap_or_else(|| panic!("no {kind} event within {timeout:?}"));
             if event.kind == kind {
                 return event;
+            }
+        }
+    }
+
+    /// The close code the server sent (WebSocket only), skipping events;
+    /// None if the connection did not close within `timeout`.
+    pub async fn closed(&mut self, timeout: Duration) -> Option<u16> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let (kind, _id, data) = self.next_raw(left).await?;
+            if kind == "close" {
+                return data.parse().ok();
             }
         }
     }

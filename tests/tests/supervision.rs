@@ -813,3 +813,29 @@ async fn an_allowlist_route_serves_only_its_users() {
     insider.send("hello").await;
     assert_eq!(inside.next_kind("reply", WAIT).await.text, "echo: hello");
 }
+
+#[tokio::test]
+async fn usage_counts_survive_a_bridge_restart() {
+    // Usage is kept with the conversation and stored when the bridge lets
+    // it go (here: on shutdown), not written after every turn.
+    let stack = Stack::start().await;
+    let fake = FakeClaude::start().await;
+    let providers = || claude_providers(claude_config(&fake.base_url()));
+    let bridge = stack.bridge(config(), providers()).await;
+    let (_web, url) = stack.default_web().await;
+    let user = WebUser::signup(&url).await;
+    let mut events = user.events(None).await;
+    for text in ["one", "two"] {
+        user.send(text).await;
+        events.next_kind("reply", WAIT).await;
+    }
+    user.send("/usage").await;
+    let before = events.next_kind("status", WAIT).await.text;
+    assert!(before.contains("2 turns, 2 model requests"), "{before}");
+
+    bridge.stop().await;
+    let _bridge = stack.bridge(config(), providers()).await;
+    user.send("/usage").await;
+    let after = events.next_kind("status", WAIT).await.text;
+    assert_eq!(after, before, "usage after a restart");
+}

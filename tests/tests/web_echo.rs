@@ -398,3 +398,74 @@ async fn with_two_web_replicas_a_users_replies_arrive_in_order_and_survive_a_rep
     let next = events.next_message(Duration::from_secs(15)).await;
     assert_eq!(next.map(|e| e.text).as_deref(), Some("message 40"));
 }
+
+#[tokio::test]
+async fn the_websocket_carries_replies_across_replicas_and_replays_what_a_reconnect_missed() {
+    let stack = Stack::start().await;
+    let _bridge = stack.echo_bridge().await;
+    let (_web_a, url_a) = stack.default_web().await;
+    let (_web_b, url_b) = stack.default_web().await;
+    let ana = WebUser::signup(&url_a).await;
+    let bob = WebUser::signup(&url_a).await;
+    let mut on_a = ana.socket(None).await;
+    let mut bob_socket = bob.socket(None).await;
+    ana.via(&url_b).send("over a **socket**").await;
+    let first = on_a.next_message(WAIT).await.expect("a reply");
+    assert_eq!(first.kind, "reply");
+    assert_eq!(first.text, "over a **socket**");
+    assert_eq!(first.html, "<p>over a <strong>socket</strong></p>\n");
+    assert!(first.seq > 0);
+    assert!(
+        bob_socket.collect(Duration::from_secs(1)).await.is_empty(),
+        "another user's socket sees nothing"
+    );
+    drop(on_a);
+
+    ana.send("missed one").await;
+    ana.send("missed two").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut back = ana.via(&url_b).socket(Some(first.seq)).await;
+    let texts: Vec<_> = back
+        .collect(Duration::from_secs(2))
+        .await
+        .into_iter()
+        .map(|e| e.text)
+        .collect();
+    assert_eq!(texts, vec!["missed one", "missed two"]);
+    ana.send("live again").await;
+    assert_eq!(back.next_message(WAIT).await.unwrap().text, "live again");
+}
+
+#[tokio::test]
+async fn the_websocket_refuses_bad_tokens_and_plain_requests_and_closes_on_shutdown() {
+    let stack = Stack::start().await;
+    let _bridge = stack.echo_bridge().await;
+    let (web, url) = stack.default_web().await;
+    let ana = WebUser::signup(&url).await;
+    let bob = WebUser::signup(&url).await;
+
+    // A forged token is refused before the upgrade, with the JSON error.
+    let forged = bob.token.replace(&bob.user_id, &ana.user_id);
+    let ws_url = url.replacen("http://", "ws://", 1);
+    match tokio_tungstenite::connect_async(format!("{ws_url}/api/v1/ws?token={forged}")).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(res)) => {
+            assert_eq!(res.status(), 401);
+            let body: serde_json::Value =
+                serde_json::from_slice(res.body().as_deref().unwrap_or_default()).unwrap();
+            assert_eq!(body["error"]["code"], "unauthorized");
+        }
+        other => panic!("forged token accepted: {:?}", other.map(|(_, res)| res)),
+    }
+    // A plain GET (no upgrade) gets a JSON error naming the problem.
+    let res = reqwest::get(format!("{url}/api/v1/ws?token={}", ana.token))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "websocket_required");
+
+    // Stopping the service closes open sockets with "going away".
+    let mut socket = ana.socket(None).await;
+    web.stop().await;
+    assert_eq!(socket.closed(WAIT).await, Some(1001));
+}

@@ -256,9 +256,10 @@ pub async fn run_with_clock(
         replica: replica.clone(),
         config,
         providers,
-        sessions,
+        sessions: sessions.clone(),
         ownership: Arc::new(ownership::Ownership::new(
             leases,
+            sessions,
             linger,
             tracker.clone(),
             shutdown.clone(),

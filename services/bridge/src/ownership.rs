@@ -7,6 +7,11 @@
 //! it is active and its messages are processed one at a time, in order.
 //! Holding on through the linger also means consecutive messages cost no KV
 //! operations (the lease is only refreshed every third of its lifetime).
+//!
+//! While a replica holds a conversation it also holds the latest session
+//! record. Changes that a crash may lose (usage totals) stay in memory and
+//! reach KV with the next write that matters (a turn's anchor) or when the
+//! conversation is let go.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -15,7 +20,7 @@ use std::time::{Duration, Instant};
 use hg_bus::BusError;
 use hg_bus::lease::{Claim, Lease};
 
-use crate::session::SessionRecord;
+use crate::session::{SessionRecord, SessionStore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -23,6 +28,8 @@ struct Held {
     /// The conversation's session record while we hold it: no other replica
     /// can change it meanwhile, so it need not be read from KV each time.
     record: Option<SessionRecord>,
+    /// `record` has changes KV does not have yet.
+    unsaved: bool,
     revision: u64,
     refreshed: Instant,
     /// Bumped on every use, so a pending release knows it is stale.
@@ -32,6 +39,7 @@ struct Held {
 /// This replica's conversation leases.
 pub(crate) struct Ownership {
     lease: Lease,
+    sessions: SessionStore,
     linger: Duration,
     held: Mutex<HashMap<String, Held>>,
     tracker: TaskTracker,
@@ -41,12 +49,14 @@ pub(crate) struct Ownership {
 impl Ownership {
     pub(crate) fn new(
         lease: Lease,
+        sessions: SessionStore,
         linger: Duration,
         tracker: TaskTracker,
         shutdown: CancellationToken,
     ) -> Self {
         Ownership {
             lease,
+            sessions,
             linger,
             held: Mutex::new(HashMap::new()),
             tracker,
@@ -78,6 +88,7 @@ impl Ownership {
             Ok(Claim::Ours(revision)) => {
                 let h = held.entry(key.to_owned()).or_insert(Held {
                     record: None,
+                    unsaved: false,
                     revision: *revision,
                     refreshed: Instant::now(),
                     generation: 0,
@@ -99,10 +110,39 @@ impl Ownership {
     }
 
     /// Remembers (or forgets, with `None`) the session record of a
-    /// conversation we hold.
+    /// conversation we hold, as it is in KV.
     pub(crate) fn cache_record(&self, key: &str, record: Option<SessionRecord>) {
         if let Some(h) = self.held.lock().expect("held lock").get_mut(key) {
             h.record = record;
+            h.unsaved = false;
+        }
+    }
+
+    /// Remembers a record of a conversation we hold that KV does not have
+    /// yet; it is stored when the conversation is let go, unless a
+    /// [`Ownership::cache_record`] after a write comes first. Returns false
+    /// when we do not hold `key` (the caller must store it itself).
+    pub(crate) fn cache_unsaved(&self, key: &str, record: SessionRecord) -> bool {
+        match self.held.lock().expect("held lock").get_mut(key) {
+            Some(h) => {
+                h.record = Some(record);
+                h.unsaved = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Lets `key` go: stores its unsaved record, then releases the lease.
+    async fn let_go(&self, key: &str, held: Held) {
+        if held.unsaved
+            && let Some(record) = &held.record
+            && let Err(e) = self.sessions.put_token(key, record).await
+        {
+            tracing::warn!(error = %e, "cannot store a session record when letting it go");
+        }
+        if let Err(e) = self.lease.release(key, held.revision).await {
+            tracing::debug!(error = %e, "cannot release a conversation lease; it will expire");
         }
     }
 
@@ -134,9 +174,9 @@ impl Ownership {
                 tokio::select! {
                     () = tokio::time::sleep(this.refresh_every()) => {}
                     () = this.shutdown.cancelled() => {
-                        let revision = this.held.lock().expect("held lock").remove(&key).map(|h| h.revision);
-                        if let Some(revision) = revision {
-                            let _ = this.lease.release(&key, revision).await;
+                        let held = this.held.lock().expect("held lock").remove(&key);
+                        if let Some(held) = held {
+                            this.let_go(&key, held).await;
                         }
                         return;
                     }
@@ -169,17 +209,15 @@ impl Ownership {
                 () = tokio::time::sleep(this.linger) => {}
                 () = this.shutdown.cancelled() => {}
             }
-            let revision = {
+            let held = {
                 let mut held = this.held.lock().expect("held lock");
                 match held.get(&key) {
-                    Some(h) if h.generation == generation => held.remove(&key).map(|h| h.revision),
+                    Some(h) if h.generation == generation => held.remove(&key),
                     _ => None,
                 }
             };
-            if let Some(revision) = revision
-                && let Err(e) = this.lease.release(&key, revision).await
-            {
-                tracing::debug!(error = %e, "cannot release a conversation lease; it will expire");
+            if let Some(held) = held {
+                this.let_go(&key, held).await;
             }
         });
     }

@@ -128,9 +128,19 @@ impl SessionStore {
 
     /// Stores the record of `key`.
     pub async fn put(&self, key: &str, record: &SessionRecord) -> Result<(), BusError> {
+        self.put_token(&hg_proto::subject::token(key), record).await
+    }
+
+    /// Stores the record under its KV key (`subject::token` of the session
+    /// key).
+    pub(crate) async fn put_token(
+        &self,
+        token: &str,
+        record: &SessionRecord,
+    ) -> Result<(), BusError> {
         let bytes = serde_json::to_vec(record).expect("session record serializes");
         self.store
-            .put(hg_proto::subject::token(key), bytes.into())
+            .put(token, bytes.into())
             .await
             .map_err(kv_error)?;
         Ok(())

@@ -335,7 +335,10 @@ impl Bridge {
         }
         let mut record = match record {
             Some(record) => record,
-            None => match self.new_session(key, &route, provider.as_ref(), None).await {
+            None => match self
+                .start_session(key, &route, provider.as_ref(), None)
+                .await
+            {
                 Ok(record) => record,
                 Err(e) => return self.turn_failed(message, e).await,
             },
@@ -364,7 +367,9 @@ impl Bridge {
                 tracing::warn!("runtime session gone, starting a new one");
                 let _ = self.sessions.remove(key).await;
                 self.ownership.cache_record(&subject::token(key), None);
-                let mut record = match self.new_session(key, &route, provider.as_ref(), None).await
+                let mut record = match self
+                    .start_session(key, &route, provider.as_ref(), None)
+                    .await
                 {
                     Ok(record) => record,
                     Err(e) => return self.turn_failed(message, e).await,
@@ -438,7 +443,24 @@ impl Bridge {
         }
     }
 
+    /// Creates a runtime session for `key` and stores its record.
     pub(crate) async fn new_session(
+        &self,
+        key: &str,
+        route: &Route,
+        provider: &dyn Provider,
+        cwd: Option<String>,
+    ) -> Result<SessionRecord, TurnError> {
+        let record = self.start_session(key, route, provider, cwd).await?;
+        self.store_record(key, &record).await?;
+        Ok(record)
+    }
+
+    /// Creates a runtime session for `key` whose first turn follows at
+    /// once: its record reaches KV with that turn's anchor (one write
+    /// instead of two). Until then it is kept with the conversation's
+    /// lease, so a retried first turn reuses the session.
+    pub(crate) async fn start_session(
         &self,
         key: &str,
         route: &Route,
@@ -469,7 +491,12 @@ impl Bridge {
             waiting: None,
             usage: UsageTotals::default(),
         };
-        self.store_record(key, &record).await?;
+        if !self
+            .ownership
+            .cache_unsaved(&subject::token(key), record.clone())
+        {
+            self.store_record(key, &record).await?;
+        }
         Ok(record)
     }
 
@@ -483,6 +510,21 @@ impl Bridge {
         let record = self.sessions.get(key).await?;
         self.ownership.cache_record(&lease_key, record.clone());
         Ok(record)
+    }
+
+    /// The newest session record of `key` this replica can see, for
+    /// answering questions about it: its own if it holds the conversation
+    /// (with usage not stored yet), else KV's (which lags a conversation
+    /// another replica holds by at most its latest turn's usage, until
+    /// that replica's next turn or the end of its linger).
+    pub(crate) async fn current_record(
+        &self,
+        key: &str,
+    ) -> Result<Option<SessionRecord>, BusError> {
+        match self.ownership.cached_record(&subject::token(key)) {
+            Some(record) => Ok(Some(record)),
+            None => self.sessions.get(key).await,
+        }
     }
 
     pub(crate) async fn store_record(
@@ -807,10 +849,16 @@ impl Bridge {
             stream.started.as_deref(),
         )
         .await?;
-        // Bookkeeping for /usage, after the user has the reply.
+        // Bookkeeping for /usage: kept with the conversation and stored
+        // with the next turn's anchor or when the conversation is let go
+        // (a crash loses at most this turn's counts, never a reply).
         if usage_changed || usage != UsageTotals::default() {
             self.add_usage(record, usage);
-            if self.store_record(key, record).await.is_err() {
+            if !self
+                .ownership
+                .cache_unsaved(&subject::token(key), record.clone())
+                && self.store_record(key, record).await.is_err()
+            {
                 tracing::warn!("cannot store the session's usage");
             }
         }

@@ -5,6 +5,8 @@
 //! - `POST /api/v1/messages` publishes the user's message to `hg.in.web.<app>`.
 //! - `GET /api/v1/events` streams replies and typing over SSE, replaying
 //!   what a reconnecting browser missed (`Last-Event-ID`).
+//! - `GET /api/v1/ws` streams the same events over a WebSocket; an idle
+//!   WebSocket holds about a third of the memory of an idle SSE response.
 //! - `/healthz`, `/readyz`, `/metrics`.
 //!
 //! The web egress consumes `hg.out.web.>` through the shared pipeline and
@@ -22,6 +24,9 @@ use async_trait::async_trait;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
+use axum::extract::ws::{
+    Message, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection,
+};
 use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -113,6 +118,9 @@ struct AppState {
     hub: Arc<Hub>,
     meta: Option<async_nats::jetstream::kv::Store>,
     health: Health,
+    /// Fires when the service stops: WebSocket connections (which the HTTP
+    /// server no longer tracks once upgraded) close on it.
+    shutdown: CancellationToken,
 }
 
 /// Runs the web chat on `listener` until `shutdown` fires.
@@ -140,6 +148,7 @@ pub async fn run(
         hub: Arc::clone(&hub),
         meta: Some(meta),
         health: health.clone(),
+        shutdown: shutdown.clone(),
     });
     let tracker = TaskTracker::new();
     let follower_stop = shutdown.clone();
@@ -227,6 +236,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/sessions", post(create_session))
         .route("/api/v1/messages", post(send_message))
         .route("/api/v1/events", get(events))
+        .route("/api/v1/ws", get(websocket))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -483,7 +493,128 @@ async fn events(
         .or(query.last_event_id);
     let app = state.config.app_id.clone();
     let stream = async_stream(state, app, user, after);
-    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
+}
+
+/// How often an idle event connection is pinged (SSE comment or WebSocket
+/// ping), so proxies keep it and dead peers are noticed.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// Initial WebSocket read buffer. Browsers send nothing but pongs and
+/// close frames here, so a small buffer (grown on demand) keeps idle
+/// connections cheap; tungstenite's default is 128 KiB each.
+const WS_READ_BUFFER: usize = 512;
+
+/// Largest frame a client may send on the event socket.
+const WS_MAX_INBOUND: usize = 64 * 1024;
+
+/// `GET /api/v1/ws`: the events of `/api/v1/events` as WebSocket text
+/// frames, one JSON [`WebEvent`] each (`seq` is its event id; reconnect
+/// with `last_event_id` to get what was missed). The first frame is
+/// `{"kind":"ready"}`. Authenticated like the SSE stream, before upgrading.
+async fn websocket(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(query): Query<EventsQuery>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let token = bearer(&headers)
+        .map(str::to_owned)
+        .or(query.token)
+        .unwrap_or_default();
+    let user = state.auth.verify(&token)?;
+    let upgrade = upgrade.map_err(|e| {
+        ApiError::new(
+            e.status(),
+            "websocket_required",
+            format!("{e}: this endpoint speaks WebSocket (use /api/v1/events for SSE)"),
+        )
+    })?;
+    let after = query.last_event_id;
+    let app = state.config.app_id.clone();
+    Ok(upgrade
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(0)
+        .max_message_size(WS_MAX_INBOUND)
+        .max_frame_size(WS_MAX_INBOUND)
+        .on_failed_upgrade(|e| tracing::debug!(error = %e, "websocket upgrade failed"))
+        .on_upgrade(move |socket| websocket_connection(state, app, user, after, socket)))
+}
+
+/// One event socket: register for live events first, then replay what was
+/// missed, then forward live events not already replayed, until the client
+/// goes or the service stops.
+async fn websocket_connection(
+    state: Arc<AppState>,
+    app: String,
+    user: String,
+    after: Option<u64>,
+    socket: WebSocket,
+) {
+    use futures::{SinkExt as _, StreamExt as _};
+    let mut owned = OwnedConnection::new(Arc::clone(&state.hub), &app, &user);
+    let (mut sink, mut incoming) = socket.split();
+    // Boxed like the SSE stream's: the replay future is large and this
+    // future lives as long as the connection.
+    let replayed = match after {
+        Some(after) => match Box::pin(hub::replay(&state.bus, &app, &user, after)).await {
+            Ok(events) => events,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot replay missed replies");
+                Vec::new()
+            }
+        },
+        None => Vec::new(),
+    };
+    let mut high = replayed.last().map(|e| e.seq).or(after).unwrap_or(0);
+    let backlog = std::iter::once(r#"{"kind":"ready"}"#.to_owned())
+        .chain(replayed.iter().map(ws_frame))
+        .map(|text| Ok(Message::Text(text.into())));
+    if sink
+        .send_all(&mut futures::stream::iter(backlog))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    drop(replayed);
+    let mut keep_alive =
+        tokio::time::interval_at(tokio::time::Instant::now() + KEEP_ALIVE, KEEP_ALIVE);
+    loop {
+        let frame = tokio::select! {
+            event = owned.recv() => match event {
+                Some(event) if event.seq != 0 && event.seq <= high => continue,
+                Some(event) => {
+                    high = high.max(event.seq);
+                    Message::Text(ws_frame(&event).into())
+                }
+                // Dropped by the hub as too slow: the client reconnects
+                // with its last event id.
+                None => break,
+            },
+            // Pings are answered by the library; anything else the client
+            // sends here is ignored (messages go to POST /api/v1/messages).
+            received = incoming.next() => match received {
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(_)) => continue,
+            },
+            _ = keep_alive.tick() => Message::Ping(Bytes::new()),
+            () = state.shutdown.cancelled() => break,
+        };
+        if sink.send(frame).await.is_err() {
+            return;
+        }
+    }
+    let _ = sink
+        .send(Message::Close(Some(axum::extract::ws::CloseFrame {
+            code: axum::extract::ws::close_code::AWAY,
+            reason: "going away; reconnect".into(),
+        })))
+        .await;
+}
+
+fn ws_frame(event: &WebEvent) -> String {
+    serde_json::to_string(event).unwrap_or_else(|_| "{}".into())
 }
 
 /// The SSE stream of one connection: register for live events first, then
