@@ -306,6 +306,10 @@ async fn the_chat_page_and_api_description_are_served() {
         page.contains("Echo runtime"),
         "the page can label the echo runtime"
     );
+    assert!(
+        page.contains("/api/v1/ws?token="),
+        "the page listens on the event socket"
+    );
     let spec = reqwest::get(format!("{url}/openapi.yaml"))
         .await
         .unwrap()
@@ -316,6 +320,7 @@ async fn the_chat_page_and_api_description_are_served() {
         "/api/v1/sessions",
         "/api/v1/messages",
         "/api/v1/events",
+        "/api/v1/ws",
         "/api/v1/info",
     ] {
         assert!(

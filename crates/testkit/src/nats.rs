@@ -12,6 +12,8 @@ pub struct NatsServer {
     port: u16,
     store: tempfile::TempDir,
     binary: PathBuf,
+    /// HTTP monitoring port (`/varz`), when started with one.
+    monitor: Option<u16>,
 }
 
 impl NatsServer {
@@ -23,6 +25,16 @@ impl NatsServer {
     /// When the binary is missing or the server does not come up: a test
     /// cannot run without it.
     pub fn start() -> NatsServer {
+        Self::start_on(None)
+    }
+
+    /// Like [`NatsServer::start`], with the HTTP monitoring endpoint on
+    /// (see [`NatsServer::message_counts`]); for benchmarks.
+    pub fn start_monitored() -> NatsServer {
+        Self::start_on(Some(free_port()))
+    }
+
+    fn start_on(monitor: Option<u16>) -> NatsServer {
         let binary = std::env::var_os("NATS_SERVER_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("nats-server"));
@@ -36,6 +48,7 @@ impl NatsServer {
             port,
             store,
             binary,
+            monitor,
         };
         server.spawn();
         server
@@ -54,6 +67,20 @@ impl NatsServer {
     /// Process id of the running server.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// Messages the server has received and sent so far (`in_msgs`,
+    /// `out_msgs` of `/varz`), if it was started with monitoring.
+    pub fn message_counts(&self) -> Option<(u64, u64)> {
+        use std::io::{Read, Write};
+        let mut conn = TcpStream::connect(("127.0.0.1", self.monitor?)).ok()?;
+        conn.write_all(b"GET /varz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .ok()?;
+        let mut response = String::new();
+        conn.read_to_string(&mut response).ok()?;
+        let body = &response[response.find("\r\n\r\n")? + 4..];
+        let varz: serde_json::Value = serde_json::from_str(body).ok()?;
+        Some((varz["in_msgs"].as_u64()?, varz["out_msgs"].as_u64()?))
     }
 
     /// The JetStream store directory.
@@ -79,6 +106,11 @@ impl NatsServer {
         let child = Command::new(&self.binary)
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
             .arg(self.store.path())
+            .args(
+                self.monitor
+                    .map(|port| vec!["-m".to_owned(), port.to_string()])
+                    .unwrap_or_default(),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -10,7 +10,7 @@
 //!
 //! ```text
 //! cargo build --release -p harnessgate -p hg-e2e
-//! ulimit -n 65536; target/release/hg-bench [--users 1,10,100,500] [--messages 20] [--idle 10000]
+//! ulimit -n 65536; target/release/hg-bench [--users 1,10,100,500] [--messages 20] [--idle 10000] [--idle-via ws|sse]
 //! ```
 
 use std::path::PathBuf;
@@ -32,6 +32,9 @@ struct Args {
     users: Vec<usize>,
     messages: usize,
     idle: usize,
+    /// How idle users are connected: "ws" (`/api/v1/ws`) or "sse"
+    /// (`/api/v1/events`).
+    idle_via: String,
 }
 
 fn args() -> Args {
@@ -39,6 +42,7 @@ fn args() -> Args {
         users: vec![1, 10, 100, 500],
         messages: 20,
         idle: 10_000,
+        idle_via: "ws".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -47,6 +51,10 @@ fn args() -> Args {
             "--users" => args.users = value.split(',').filter_map(|v| v.parse().ok()).collect(),
             "--messages" => args.messages = value.parse().expect("--messages N"),
             "--idle" => args.idle = value.parse().expect("--idle N"),
+            "--idle-via" => {
+                assert!(value == "ws" || value == "sse", "--idle-via ws|sse");
+                args.idle_via = value;
+            }
             other => panic!("unknown flag {other}"),
         }
     }
@@ -156,12 +164,41 @@ async fn connect(client: &reqwest::Client, base: &str, user: &User) -> Events {
     events
 }
 
+/// An idle user's open event connection.
+enum Idle {
+    Sse(#[allow(dead_code)] Events),
+    Ws(#[allow(dead_code)] Socket),
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens the user's WebSocket event stream and waits for its ready frame.
+async fn connect_ws(base: &str, user: &User) -> Socket {
+    let url = format!(
+        "{}/api/v1/ws?token={}",
+        base.replacen("http://", "ws://", 1),
+        user.token
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("websocket");
+    match socket.next().await {
+        Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text)))
+            if text.as_str().contains("ready") => {}
+        other => panic!("no ready frame: {other:?}"),
+    }
+    socket
+}
+
 #[derive(Default)]
 struct Outcome {
     latencies: Vec<Duration>,
     /// Round trips of each user's first message, which also creates the
     /// runtime session (also in `latencies`).
     first: Vec<Duration>,
+    /// Round trips of the other messages (also in `latencies`).
+    later: Vec<Duration>,
     errors: usize,
     lost: usize,
 }
@@ -210,6 +247,8 @@ async fn run_user(
                 outcome.latencies.push(started.elapsed());
                 if m == 0 {
                     outcome.first.push(started.elapsed());
+                } else {
+                    outcome.later.push(started.elapsed());
                 }
             }
             _ => outcome.lost += 1,
@@ -229,7 +268,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 #[tokio::main]
 async fn main() {
     let args = args();
-    let nats = NatsServer::start();
+    let nats = NatsServer::start_monitored();
     let fake = FakeClaude::start_with(FakeBehaviour {
         record_requests: false,
         ping_interval: None,
@@ -260,6 +299,7 @@ async fn main() {
             let events = connect(&client, &stack.base, &user).await;
             prepared.push((i, user, events));
         }
+        let bus_before = nats.message_counts();
         let cpu_before = [
             cpu_seconds(&stack_pid),
             cpu_seconds(&nats_pid),
@@ -284,10 +324,12 @@ async fn main() {
             let outcome = task.await.expect("user task");
             all.latencies.extend(outcome.latencies);
             all.first.extend(outcome.first);
+            all.later.extend(outcome.later);
             all.errors += outcome.errors;
             all.lost += outcome.lost;
         }
         let elapsed = started.elapsed();
+        let bus_after = nats.message_counts();
         let cpu_after = [
             cpu_seconds(&stack_pid),
             cpu_seconds(&nats_pid),
@@ -297,10 +339,21 @@ async fn main() {
             |i: usize| (cpu_after[i] - cpu_before[i]) * 1e6 / (users * args.messages) as f64;
         all.latencies.sort();
         all.first.sort();
+        all.later.sort();
+        if let (Some((in0, out0)), Some((in1, out1))) = (bus_before, bus_after) {
+            let n = (users * args.messages) as f64;
+            first_lines.push(format!(
+                "{users} users: NATS messages per chat message: {:.1} in, {:.1} out",
+                (in1 - in0) as f64 / n,
+                (out1 - out0) as f64 / n,
+            ));
+        }
         first_lines.push(format!(
-            "{users} users: first message (creates the runtime session) p50 {:.1} ms, p99 {:.1} ms",
+            "{users} users: first message (creates the runtime session) p50 {:.1} ms, p99 {:.1} ms; later messages p50 {:.1} ms, p99 {:.1} ms",
             percentile(&all.first, 0.5).as_secs_f64() * 1000.0,
             percentile(&all.first, 0.99).as_secs_f64() * 1000.0,
+            percentile(&all.later, 0.5).as_secs_f64() * 1000.0,
+            percentile(&all.later, 0.99).as_secs_f64() * 1000.0,
         ));
         println!(
             "| {users} | {} | {:.0} | {:.1} | {:.1} | {} | {} | {:.0} | {:.0} | {:.0} |",
@@ -331,11 +384,16 @@ async fn main() {
             let (client, base, connections) =
                 (client.clone(), stack.base.clone(), Arc::clone(&connections));
             let n = 100.min(args.idle - chunk * 100);
+            let via_ws = args.idle_via == "ws";
             joins.push(tokio::spawn(async move {
                 for _ in 0..n {
                     let user = signup(&client, &base).await;
-                    let events = connect(&client, &base, &user).await;
-                    connections.lock().await.push(events);
+                    let idle = if via_ws {
+                        Idle::Ws(connect_ws(&base, &user).await)
+                    } else {
+                        Idle::Sse(connect(&client, &base, &user).await)
+                    };
+                    connections.lock().await.push(idle);
                 }
             }));
         }
@@ -346,7 +404,8 @@ async fn main() {
         let after = rss_kib(pid).0;
         let count = connections.lock().await.len();
         println!(
-            "idle users: {count} connected; stack RSS {before} KiB → {after} KiB ({:.1} KiB per idle user)",
+            "idle users: {count} connected over {}; stack RSS {before} KiB → {after} KiB ({:.1} KiB per idle user)",
+            args.idle_via,
             (after.saturating_sub(before)) as f64 / count.max(1) as f64
         );
     }
