@@ -481,11 +481,7 @@ async fn events(
     headers: HeaderMap,
     Query(query): Query<EventsQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let token = bearer(&headers)
-        .map(str::to_owned)
-        .or(query.token)
-        .unwrap_or_default();
-    let user = state.auth.verify(&token)?;
+    let user = state.auth.verify(&stream_token(&headers, query.token))?;
     let after = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -518,11 +514,7 @@ async fn websocket(
     Query(query): Query<EventsQuery>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    let token = bearer(&headers)
-        .map(str::to_owned)
-        .or(query.token)
-        .unwrap_or_default();
-    let user = state.auth.verify(&token)?;
+    let user = state.auth.verify(&stream_token(&headers, query.token))?;
     let upgrade = upgrade.map_err(|e| {
         ApiError::new(
             e.status(),
@@ -554,18 +546,7 @@ async fn websocket_connection(
     use futures::{SinkExt as _, StreamExt as _};
     let mut owned = OwnedConnection::new(Arc::clone(&state.hub), &app, &user);
     let (mut sink, mut incoming) = socket.split();
-    // Boxed like the SSE stream's: the replay future is large and this
-    // future lives as long as the connection.
-    let replayed = match after {
-        Some(after) => match Box::pin(hub::replay(&state.bus, &app, &user, after)).await {
-            Ok(events) => events,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot replay missed replies");
-                Vec::new()
-            }
-        },
-        None => Vec::new(),
-    };
+    let replayed = missed(&state, &app, &user, after).await;
     let mut high = replayed.last().map(|e| e.seq).or(after).unwrap_or(0);
     let backlog = std::iter::once(r#"{"kind":"ready"}"#.to_owned())
         .chain(replayed.iter().map(ws_frame))
@@ -628,18 +609,7 @@ fn async_stream(
     async move {
         let hub = Arc::clone(&state.hub);
         let owned = OwnedConnection::new(hub, &app, &user);
-        // Boxed: the replay's JetStream future is large, and inline it would
-        // size this stream — held by every idle connection — for it.
-        let replayed = match after {
-            Some(after) => match Box::pin(hub::replay(&state.bus, &app, &user, after)).await {
-                Ok(events) => events,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot replay missed replies");
-                    Vec::new()
-                }
-            },
-            None => Vec::new(),
-        };
+        let replayed = missed(&state, &app, &user, after).await;
         let high_water = replayed.last().map(|e| e.seq).or(after).unwrap_or(0);
         let ready = Event::default().event("ready").data("{}");
         let backlog = futures::stream::iter(
@@ -664,6 +634,32 @@ fn async_stream(
 }
 
 use futures::FutureExt as _;
+
+/// What `user` missed after event `after` (nothing to replay without one).
+/// The replay's JetStream future is large: boxed, it does not size the
+/// stream or task that every connection keeps for its whole life.
+async fn missed(state: &AppState, app: &str, user: &str, after: Option<u64>) -> Vec<WebEvent> {
+    let Some(after) = after else {
+        return Vec::new();
+    };
+    match Box::pin(hub::replay(&state.bus, app, user, after)).await {
+        Ok(events) => events,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot replay missed replies");
+            Vec::new()
+        }
+    }
+}
+
+/// The token of an event stream request: the Authorization header, else
+/// the `token` query parameter (browsers cannot set headers on
+/// EventSource or WebSocket).
+fn stream_token(headers: &HeaderMap, query_token: Option<String>) -> String {
+    bearer(headers)
+        .map(str::to_owned)
+        .or(query_token)
+        .unwrap_or_default()
+}
 
 /// A hub connection that owns its hub handle, so it can live in a stream.
 struct OwnedConnection {
