@@ -167,7 +167,7 @@ async fn connect(client: &reqwest::Client, base: &str, user: &User) -> Events {
 /// An idle user's open event connection.
 enum Idle {
     Sse(#[allow(dead_code)] Events),
-    Ws(#[allow(dead_code)] Socket),
+    Ws(#[allow(dead_code)] Box<Socket>),
 }
 
 type Socket =
@@ -389,7 +389,7 @@ async fn main() {
                 for _ in 0..n {
                     let user = signup(&client, &base).await;
                     let idle = if via_ws {
-                        Idle::Ws(connect_ws(&base, &user).await)
+                        Idle::Ws(Box::new(connect_ws(&base, &user).await))
                     } else {
                         Idle::Sse(connect(&client, &base, &user).await)
                     };
