@@ -98,7 +98,11 @@ where
             let Some((seq, item, queued)) = next else {
                 return;
             };
-            if let Some(item) = (self.handler)(key.clone(), item, queued).await {
+            // Boxed: a handler's future (a whole bridge turn) is tens of KiB,
+            // and inline it would size the worker task, which is moved
+            // (copied) as a whole on every spawn.
+            let handled = Box::pin((self.handler)(key.clone(), item, queued));
+            if let Some(item) = handled.await {
                 let mut queues = self.queues.lock().expect("queues lock");
                 let queue = queues.get_mut(&key).expect("a running worker has a queue");
                 insert_in_order(queue, seq, item);

@@ -23,42 +23,44 @@ pub const RESOLVE: &str = "hg.resolve";
 
 /// `hg.in.<platform>.<app>`
 pub fn inbound(platform: &str, app_id: &str) -> String {
-    format!("{PREFIX}.in.{}.{}", token(platform), token(app_id))
+    subject("hg.in.", &[platform, app_id])
 }
 
 /// `hg.out.<platform>.<app>`
 pub fn outbound(platform: &str, app_id: &str) -> String {
-    format!("{PREFIX}.out.{}.{}", token(platform), token(app_id))
+    subject("hg.out.", &[platform, app_id])
 }
 
 /// `hg.out.<platform>.>`: every app of one platform, for its egress.
 pub fn outbound_platform_filter(platform: &str) -> String {
-    format!("{PREFIX}.out.{}.>", token(platform))
+    let mut filter = subject("hg.out.", &[platform]);
+    filter.push_str(".>");
+    filter
 }
 
 /// `hg.receipt.<platform>.<app>`
 pub fn receipt(platform: &str, app_id: &str) -> String {
-    format!("{PREFIX}.receipt.{}.{}", token(platform), token(app_id))
+    subject("hg.receipt.", &[platform, app_id])
 }
 
 /// `hg.events.<session>`
 pub fn events(session_key: &str) -> String {
-    format!("{PREFIX}.events.{}", token(session_key))
+    subject("hg.events.", &[session_key])
 }
 
 /// `hg.dlq.<service>`: dead letters of one service.
 pub fn dead_letter(service: &str) -> String {
-    format!("{PREFIX}.dlq.{}", token(service))
+    subject("hg.dlq.", &[service])
 }
 
 /// `hg.tool.<name>`: request-reply for a custom tool.
 pub fn tool(name: &str) -> String {
-    format!("{PREFIX}.tool.{}", token(name))
+    subject("hg.tool.", &[name])
 }
 
 /// `hg.command.<name>`: request-reply for a custom chat command.
 pub fn command(name: &str) -> String {
-    format!("{PREFIX}.command.{}", token(name))
+    subject("hg.command.", &[name])
 }
 
 /// Encodes one subject token. Characters outside `[A-Za-z0-9_-]` become
@@ -66,21 +68,62 @@ pub fn command(name: &str) -> String {
 /// `>`, whitespace or anything else NATS treats specially, and distinct
 /// inputs stay distinct. The result is also a valid NATS KV key. An empty input becomes `=`.
 pub fn token(raw: &str) -> String {
-    if raw.is_empty() {
-        return "=".to_owned();
-    }
-    let mut out = String::with_capacity(raw.len());
-    for b in raw.bytes() {
-        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
-            out.push(b as char);
-        } else {
-            out.push('=');
-            out.push(hex_digit(b >> 4));
-            out.push(hex_digit(b & 0xf));
+    let mut out = String::with_capacity(token_len(raw));
+    push_token(&mut out, raw);
+    out
+}
+
+/// `prefix` (ending in `.`) followed by the encoded `tokens`, dot-separated,
+/// built in one allocation: subjects are made several times per message.
+fn subject(prefix: &str, tokens: &[&str]) -> String {
+    let len = prefix.len() + tokens.iter().map(|t| token_len(t) + 1).sum::<usize>();
+    let mut out = String::with_capacity(len + 2);
+    out.push_str(prefix);
+    for (i, raw) in tokens.iter().enumerate() {
+        if i > 0 {
+            out.push('.');
         }
+        push_token(&mut out, raw);
     }
     out
 }
+
+/// Length of [`token`]`(raw)`.
+fn token_len(raw: &str) -> usize {
+    if raw.is_empty() {
+        return 1;
+    }
+    raw.len() + 2 * raw.bytes().filter(|&b| !is_plain(b)).count()
+}
+
+/// Appends [`token`]`(raw)` to `out`.
+fn push_token(out: &mut String, raw: &str) {
+    if raw.is_empty() {
+        out.push('=');
+        return;
+    }
+    let mut rest = raw;
+    // Copy runs of plain bytes at once; escape the others.
+    while let Some(at) = rest.bytes().position(|b| !is_plain(b)) {
+        out.push_str(&rest[..at]);
+        let mut buf = [0u8; 4];
+        let c = rest[at..].chars().next().expect("a char starts here");
+        for &b in c.encode_utf8(&mut buf).as_bytes() {
+            out.push('=');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+        rest = &rest[at + c.len_utf8()..];
+    }
+    out.push_str(rest);
+}
+
+/// Bytes a token keeps as they are.
+fn is_plain(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b'-'
+}
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
 
 /// Reverses [`token`]. Returns `None` when the input is not a valid encoding.
 pub fn decode_token(encoded: &str) -> Option<String> {
@@ -102,10 +145,6 @@ pub fn decode_token(encoded: &str) -> Option<String> {
         }
     }
     String::from_utf8(out).ok()
-}
-
-fn hex_digit(n: u8) -> char {
-    b"0123456789ABCDEF"[n as usize] as char
 }
 
 fn hex_value(c: u8) -> Option<u8> {
@@ -140,7 +179,9 @@ mod tests {
                 "{raw:?} -> {t:?}"
             );
             assert_eq!(decode_token(&t).as_deref(), Some(raw));
+            assert_eq!(token_len(raw), t.len(), "{raw:?}");
         }
+        assert_eq!(token("ü"), "=C3=BC");
     }
 
     #[test]
@@ -155,6 +196,8 @@ mod tests {
         assert_eq!(inbound("telegram", "123"), "hg.in.telegram.123");
         assert_eq!(outbound("web", "default"), "hg.out.web.default");
         assert_eq!(events("web:u.1"), "hg.events.web=3Au=2E1");
+        assert_eq!(outbound_platform_filter("web"), "hg.out.web.>");
+        assert_eq!(receipt("a b", ""), "hg.receipt.a=20b.=");
         assert_eq!(decode_token("=ZZ"), None);
     }
 }

@@ -89,7 +89,21 @@ struct Stack {
 }
 
 impl Drop for Stack {
+    /// Stops the stack as an operator would (SIGTERM, then SIGKILL after
+    /// 10 s), so a stack run under a profiler writes its results.
     fn drop(&mut self) {
+        let terminated = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        if terminated {
+            for _ in 0..100 {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
