@@ -600,6 +600,13 @@ impl Bridge {
             bridge: self,
             key: subject::token(key),
         };
+        let observed = Observed {
+            subject: subject::events(key),
+            key,
+            runtime: provider.name(),
+            session_id: &session_id,
+            turn_id: &turn.turn_id,
+        };
         let mut handled: HashSet<String> = turn.handled.iter().cloned().collect();
         let mut asks: HashMap<String, Ask> = HashMap::new();
         let mut auto: Vec<(String, Grant)> = Vec::new();
@@ -674,8 +681,7 @@ impl Bridge {
                 Some(Err(e)) => return Err(TurnError::from(e)),
                 None => return Err(TurnError::Transient("runtime event stream ended".into())),
             };
-            self.observe(key, provider, &session_id, &turn, &event)
-                .await;
+            self.observe(&observed, &event).await;
             if streaming {
                 match &event {
                     RuntimeEvent::AgentMessageDelta {
@@ -999,14 +1005,7 @@ impl Bridge {
 
     /// Publishes tool use, thinking, status, usage and errors on
     /// `hg.events.<session>` for observers (best effort, core NATS).
-    async fn observe(
-        &self,
-        key: &str,
-        provider: &dyn Provider,
-        session_id: &str,
-        turn: &TurnRecord,
-        event: &RuntimeEvent,
-    ) {
+    async fn observe(&self, to: &Observed<'_>, event: &RuntimeEvent) {
         let payload = match event {
             RuntimeEvent::AgentMessage { text, .. } => {
                 agent_event::Event::Message(AgentMessage { text: text.clone() })
@@ -1076,14 +1075,14 @@ impl Bridge {
         };
         let out = AgentEvent {
             id: event.id().to_owned(),
-            session_key: key.to_owned(),
-            runtime: provider.name().to_owned(),
-            runtime_session_id: session_id.to_owned(),
-            turn_id: turn.turn_id.clone(),
+            session_key: to.key.to_owned(),
+            runtime: to.runtime.to_owned(),
+            runtime_session_id: to.session_id.to_owned(),
+            turn_id: to.turn_id.to_owned(),
             timestamp_ms: hg_proto::now_ms(),
             event: Some(payload),
         };
-        if let Err(e) = self.bus.publish_core(&subject::events(key), &out).await {
+        if let Err(e) = self.bus.publish_core(&to.subject, &out).await {
             tracing::debug!(error = %e, "cannot publish agent event");
         }
     }
@@ -1231,6 +1230,17 @@ impl From<ProviderError> for TurnError {
             e => TurnError::Permanent(e.to_string()),
         }
     }
+}
+
+/// Where one turn's agent events go, worked out once per turn rather
+/// than per event.
+struct Observed<'a> {
+    /// `hg.events.<session>`
+    subject: String,
+    key: &'a str,
+    runtime: &'a str,
+    session_id: &'a str,
+    turn_id: &'a str,
 }
 
 /// The agent's text for one turn, collected until the turn ends.
