@@ -533,7 +533,7 @@ impl Bridge {
         record: &SessionRecord,
     ) -> Result<(), TurnError> {
         let lease_key = subject::token(key);
-        if let Err(e) = self.sessions.put(key, record).await {
+        if let Err(e) = self.sessions.put_token(&lease_key, record).await {
             // Unknown state in KV: read it again next time.
             self.ownership.cache_record(&lease_key, None);
             return Err(TurnError::Bus(e));
@@ -589,8 +589,9 @@ impl Bridge {
             }
         };
         let stop = CancellationToken::new();
+        let lease_key = subject::token(key);
         self.running.lock().expect("running turns lock").insert(
-            subject::token(key),
+            lease_key.clone(),
             RunningTurn {
                 started_ms: hg_proto::now_ms(),
                 stop: stop.clone(),
@@ -598,7 +599,7 @@ impl Bridge {
         );
         let _running = RunningGuard {
             bridge: self,
-            key: subject::token(key),
+            key: lease_key.clone(),
         };
         let observed = Observed {
             subject: subject::events(key),
@@ -860,9 +861,7 @@ impl Bridge {
         // (a crash loses at most this turn's counts, never a reply).
         if usage_changed || usage != UsageTotals::default() {
             self.add_usage(record, usage);
-            if !self
-                .ownership
-                .cache_unsaved(&subject::token(key), record.clone())
+            if !self.ownership.cache_unsaved(&lease_key, record.clone())
                 && self.store_record(key, record).await.is_err()
             {
                 tracing::warn!("cannot store the session's usage");
