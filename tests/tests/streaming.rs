@@ -7,7 +7,7 @@ use std::time::Duration;
 use hg_bridge::BridgeConfig;
 use hg_bridge::provider::claude::ClaudeConfig;
 use hg_bridge::routing::{DeliveryMode, Route};
-use hg_e2e::{Stack, WebUser, claude_config, claude_providers, fast_bridge_config};
+use hg_e2e::{Component, Stack, WebUser, claude_config, claude_providers, fast_bridge_config};
 use hg_testkit::fake_claude::FakeClaude;
 use hg_testkit::fake_telegram::{FakeTelegram, private_chat, user};
 use serde_json::json;
@@ -70,26 +70,30 @@ async fn write_slowly(fake: &FakeClaude) {
     );
 }
 
-fn hold_turn(fake: &FakeClaude) {
+/// A fake runtime that keeps the turn of "tell me" open for
+/// [`write_slowly`], and a bridge delivering in `delivery` with Claude's
+/// deltas on.
+async fn slow_agent(stack: &Stack, delivery: DeliveryMode) -> (FakeClaude, Component) {
+    let fake = FakeClaude::start().await;
     fake.set_reply(|text| {
         (text == "tell me").then(|| vec![json!({"type": "session.status_running"})])
     });
-}
-
-#[tokio::test]
-async fn a_streaming_reply_grows_in_the_browser_and_ends_with_the_full_text() {
-    let stack = Stack::start().await;
-    let fake = FakeClaude::start().await;
-    hold_turn(&fake);
-    let _bridge = stack
+    let bridge = stack
         .bridge(
-            bridge_config(DeliveryMode::Streaming),
+            bridge_config(delivery),
             claude_providers(ClaudeConfig {
                 stream_deltas: true,
                 ..claude_config(&fake.base_url())
             }),
         )
         .await;
+    (fake, bridge)
+}
+
+#[tokio::test]
+async fn a_streaming_reply_grows_in_the_browser_and_ends_with_the_full_text() {
+    let stack = Stack::start().await;
+    let (fake, _bridge) = slow_agent(&stack, DeliveryMode::Streaming).await;
     let (_web, url) = stack.default_web().await;
     let user = WebUser::signup(&url).await;
     let mut events = user.events(None).await;
@@ -132,17 +136,7 @@ async fn a_streaming_reply_grows_in_the_browser_and_ends_with_the_full_text() {
 #[tokio::test]
 async fn buffered_routes_still_get_one_message() {
     let stack = Stack::start().await;
-    let fake = FakeClaude::start().await;
-    hold_turn(&fake);
-    let _bridge = stack
-        .bridge(
-            bridge_config(DeliveryMode::Buffered),
-            claude_providers(ClaudeConfig {
-                stream_deltas: true,
-                ..claude_config(&fake.base_url())
-            }),
-        )
-        .await;
+    let (fake, _bridge) = slow_agent(&stack, DeliveryMode::Buffered).await;
     let (_web, url) = stack.default_web().await;
     let user = WebUser::signup(&url).await;
     let mut events = user.events(None).await;
@@ -161,19 +155,9 @@ async fn buffered_routes_still_get_one_message() {
 #[tokio::test]
 async fn on_telegram_the_message_is_edited_as_the_agent_writes() {
     let stack = Stack::start().await;
-    let fake = FakeClaude::start().await;
-    hold_turn(&fake);
+    let (fake, _bridge) = slow_agent(&stack, DeliveryMode::Streaming).await;
     let telegram = FakeTelegram::start().await;
     let token = telegram.add_bot(3003, "stream_bot");
-    let _bridge = stack
-        .bridge(
-            bridge_config(DeliveryMode::Streaming),
-            claude_providers(ClaudeConfig {
-                stream_deltas: true,
-                ..claude_config(&fake.base_url())
-            }),
-        )
-        .await;
     let config = hg_e2e::telegram::config(&telegram, &[&token]);
     let _ingress = stack.telegram_ingress(config.clone()).await;
     let _egress = stack.telegram_egress(config).await;

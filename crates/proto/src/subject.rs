@@ -23,44 +23,44 @@ pub const RESOLVE: &str = "hg.resolve";
 
 /// `hg.in.<platform>.<app>`
 pub fn inbound(platform: &str, app_id: &str) -> String {
-    subject("hg.in.", &[platform, app_id])
+    subject("in", &[platform, app_id])
 }
 
 /// `hg.out.<platform>.<app>`
 pub fn outbound(platform: &str, app_id: &str) -> String {
-    subject("hg.out.", &[platform, app_id])
+    subject("out", &[platform, app_id])
 }
 
 /// `hg.out.<platform>.>`: every app of one platform, for its egress.
 pub fn outbound_platform_filter(platform: &str) -> String {
-    let mut filter = subject("hg.out.", &[platform]);
+    let mut filter = subject("out", &[platform]);
     filter.push_str(".>");
     filter
 }
 
 /// `hg.receipt.<platform>.<app>`
 pub fn receipt(platform: &str, app_id: &str) -> String {
-    subject("hg.receipt.", &[platform, app_id])
+    subject("receipt", &[platform, app_id])
 }
 
 /// `hg.events.<session>`
 pub fn events(session_key: &str) -> String {
-    subject("hg.events.", &[session_key])
+    subject("events", &[session_key])
 }
 
 /// `hg.dlq.<service>`: dead letters of one service.
 pub fn dead_letter(service: &str) -> String {
-    subject("hg.dlq.", &[service])
+    subject("dlq", &[service])
 }
 
 /// `hg.tool.<name>`: request-reply for a custom tool.
 pub fn tool(name: &str) -> String {
-    subject("hg.tool.", &[name])
+    subject("tool", &[name])
 }
 
 /// `hg.command.<name>`: request-reply for a custom chat command.
 pub fn command(name: &str) -> String {
-    subject("hg.command.", &[name])
+    subject("command", &[name])
 }
 
 /// Encodes one subject token. Characters outside `[A-Za-z0-9_-]` become
@@ -73,16 +73,18 @@ pub fn token(raw: &str) -> String {
     out
 }
 
-/// `prefix` (ending in `.`) followed by the encoded `tokens`, dot-separated,
-/// built in one allocation: subjects are made several times per message.
-fn subject(prefix: &str, tokens: &[&str]) -> String {
-    let len = prefix.len() + tokens.iter().map(|t| token_len(t) + 1).sum::<usize>();
+/// `hg.<kind>` followed by the encoded `tokens`, dot-separated, built in
+/// one allocation: subjects are made several times per message.
+fn subject(kind: &str, tokens: &[&str]) -> String {
+    let len =
+        PREFIX.len() + 1 + kind.len() + tokens.iter().map(|t| token_len(t) + 1).sum::<usize>();
+    // Room for a trailing `.>` (filters).
     let mut out = String::with_capacity(len + 2);
-    out.push_str(prefix);
-    for (i, raw) in tokens.iter().enumerate() {
-        if i > 0 {
-            out.push('.');
-        }
+    out.push_str(PREFIX);
+    out.push('.');
+    out.push_str(kind);
+    for raw in tokens {
+        out.push('.');
         push_token(&mut out, raw);
     }
     out

@@ -451,7 +451,7 @@ impl Bridge {
         provider: &dyn Provider,
         cwd: Option<String>,
     ) -> Result<SessionRecord, TurnError> {
-        let record = self.start_session(key, route, provider, cwd).await?;
+        let record = self.create_session(key, route, provider, cwd).await?;
         self.store_record(key, &record).await?;
         Ok(record)
     }
@@ -461,6 +461,19 @@ impl Bridge {
     /// instead of two). Until then it is kept with the conversation's
     /// lease, so a retried first turn reuses the session.
     pub(crate) async fn start_session(
+        &self,
+        key: &str,
+        route: &Route,
+        provider: &dyn Provider,
+        cwd: Option<String>,
+    ) -> Result<SessionRecord, TurnError> {
+        let record = self.create_session(key, route, provider, cwd).await?;
+        self.keep_record(key, &record).await?;
+        Ok(record)
+    }
+
+    /// Creates a runtime session for `key`; its record is not stored yet.
+    async fn create_session(
         &self,
         key: &str,
         route: &Route,
@@ -491,18 +504,15 @@ impl Bridge {
             waiting: None,
             usage: UsageTotals::default(),
         };
-        if !self
-            .ownership
-            .cache_unsaved(&subject::token(key), record.clone())
-        {
-            self.store_record(key, &record).await?;
-        }
         Ok(record)
     }
 
     /// The session record of `key`: from memory while this replica holds
-    /// the conversation, else from KV.
-    async fn load_record(&self, key: &str) -> Result<Option<SessionRecord>, BusError> {
+    /// the conversation (with usage not stored yet), else from KV (which
+    /// lags a conversation another replica holds by at most its latest
+    /// turn's usage, until that replica's next turn or the end of its
+    /// linger).
+    pub(crate) async fn load_record(&self, key: &str) -> Result<Option<SessionRecord>, BusError> {
         let lease_key = subject::token(key);
         if let Some(record) = self.ownership.cached_record(&lease_key) {
             return Ok(Some(record));
@@ -510,21 +520,6 @@ impl Bridge {
         let record = self.sessions.get(key).await?;
         self.ownership.cache_record(&lease_key, record.clone());
         Ok(record)
-    }
-
-    /// The newest session record of `key` this replica can see, for
-    /// answering questions about it: its own if it holds the conversation
-    /// (with usage not stored yet), else KV's (which lags a conversation
-    /// another replica holds by at most its latest turn's usage, until
-    /// that replica's next turn or the end of its linger).
-    pub(crate) async fn current_record(
-        &self,
-        key: &str,
-    ) -> Result<Option<SessionRecord>, BusError> {
-        match self.ownership.cached_record(&subject::token(key)) {
-            Some(record) => Ok(Some(record)),
-            None => self.sessions.get(key).await,
-        }
     }
 
     pub(crate) async fn store_record(
@@ -541,6 +536,19 @@ impl Bridge {
         self.ownership
             .cache_record(&lease_key, Some(record.clone()));
         Ok(())
+    }
+
+    /// Keeps `record` with the conversation while this replica holds it,
+    /// to be stored with the next write or when the conversation is let
+    /// go; stores it now otherwise.
+    async fn keep_record(&self, key: &str, record: &SessionRecord) -> Result<(), TurnError> {
+        if self
+            .ownership
+            .cache_unsaved(&subject::token(key), record.clone())
+        {
+            return Ok(());
+        }
+        self.store_record(key, record).await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -861,9 +869,7 @@ impl Bridge {
         // (a crash loses at most this turn's counts, never a reply).
         if usage_changed || usage != UsageTotals::default() {
             self.add_usage(record, usage);
-            if !self.ownership.cache_unsaved(&lease_key, record.clone())
-                && self.store_record(key, record).await.is_err()
-            {
+            if self.keep_record(key, record).await.is_err() {
                 tracing::warn!("cannot store the session's usage");
             }
         }

@@ -549,7 +549,7 @@ async fn websocket_connection(
     let replayed = missed(&state, &app, &user, after).await;
     let mut high = replayed.last().map(|e| e.seq).or(after).unwrap_or(0);
     let backlog = std::iter::once(r#"{"kind":"ready"}"#.to_owned())
-        .chain(replayed.iter().map(ws_frame))
+        .chain(replayed.iter().map(event_json))
         .map(|text| Ok(Message::Text(text.into())));
     if sink
         .send_all(&mut futures::stream::iter(backlog))
@@ -564,11 +564,8 @@ async fn websocket_connection(
     loop {
         let frame = tokio::select! {
             event = owned.recv() => match event {
-                Some(event) if event.seq != 0 && event.seq <= high => continue,
-                Some(event) => {
-                    high = high.max(event.seq);
-                    Message::Text(ws_frame(&event).into())
-                }
+                Some(event) if unseen(&event, &mut high) => Message::Text(event_json(&event).into()),
+                Some(_) => continue,
                 // Dropped by the hub as too slow: the client reconnects
                 // with its last event id.
                 None => break,
@@ -594,8 +591,20 @@ async fn websocket_connection(
         .await;
 }
 
-fn ws_frame(event: &WebEvent) -> String {
+/// An event as the JSON both streams carry.
+fn event_json(event: &WebEvent) -> String {
     serde_json::to_string(event).unwrap_or_else(|_| "{}".into())
+}
+
+/// Whether a live event still has to be sent: one the replay already
+/// delivered (sequence at or below `high`) is skipped. `high` follows what
+/// was sent; typing indicators (sequence 0) always pass.
+fn unseen(event: &WebEvent, high: &mut u64) -> bool {
+    if event.seq != 0 && event.seq <= *high {
+        return false;
+    }
+    *high = (*high).max(event.seq);
+    true
 }
 
 /// The SSE stream of one connection: register for live events first, then
@@ -618,16 +627,15 @@ fn async_stream(
                 .map(Ok)
                 .collect::<Vec<_>>(),
         );
-        let live = futures::stream::unfold((owned, high_water), |(mut owned, high)| async move {
-            loop {
-                let event = owned.recv().await?;
-                if event.seq != 0 && event.seq <= high {
-                    continue;
+        let live =
+            futures::stream::unfold((owned, high_water), |(mut owned, mut high)| async move {
+                loop {
+                    let event = owned.recv().await?;
+                    if unseen(&event, &mut high) {
+                        return Some((Ok(to_sse(&event)), (owned, high)));
+                    }
                 }
-                let high = high.max(event.seq);
-                return Some((Ok(to_sse(&event)), (owned, high)));
-            }
-        });
+            });
         futures::StreamExt::chain(backlog, live)
     }
     .flatten_stream()
@@ -700,7 +708,7 @@ impl OwnedConnection {
 }
 
 fn to_sse(event: &WebEvent) -> Event {
-    let data = serde_json::to_string(event).unwrap_or_else(|_| "{}".into());
+    let data = event_json(event);
     let sse = Event::default().event(event.kind.as_str()).data(data);
     if event.seq != 0 {
         sse.id(event.seq.to_string())

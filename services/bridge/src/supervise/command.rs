@@ -204,7 +204,7 @@ impl Bridge {
                     return Outcome::retry(e);
                 }
             },
-            Command::Usage => match self.current_record(key).await {
+            Command::Usage => match self.load_record(key).await {
                 Ok(Some(record)) => usage_text(&record),
                 Ok(None) => "No session yet: nothing used.".to_owned(),
                 Err(e) => {
@@ -258,7 +258,7 @@ impl Bridge {
         route: &Route,
         provider: &dyn Provider,
     ) -> Result<String, hg_bus::BusError> {
-        let Some(record) = self.current_record(key).await? else {
+        let Some(record) = self.load_record(key).await? else {
             return Ok(format!(
                 "No session yet. Runtime: {}{}. Your next message starts one.",
                 provider.name(),

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use agent_client_protocol::v1::schema::{
     ContentBlock, ContentChunk, PermissionOptionKind, PromptResponse, SessionUpdate,
-    StopReason as AcpStopReason, ToolCallContent, ToolCallStatus, ToolCallUpdateFields, ToolKind,
+    StopReason as AcpStopReason, ToolCallContent, ToolCallStatus, ToolKind,
 };
 use tokio::sync::mpsc;
 
@@ -184,23 +184,11 @@ impl Pump {
             }
             SessionUpdate::ToolCall(call) => {
                 self.flush();
-                let title = tool_name(call.name.clone(), Some(call.title.clone()), Some(call.kind));
-                let input = call.raw_input.clone().unwrap_or(serde_json::Value::Null);
-                let event_id = self.session.log.emit(|id| RuntimeEvent::ToolUse {
-                    id,
-                    name: title.clone(),
-                    input: input.clone(),
-                    evaluated_permission: None,
-                    server_name: None,
-                });
                 let tool_call_id = call.tool_call_id.to_string();
-                self.tools.insert(
-                    tool_call_id.clone(),
-                    KnownTool {
-                        event_id,
-                        title,
-                        input,
-                    },
+                self.announce(
+                    &tool_call_id,
+                    tool_name(call.name.clone(), Some(call.title.clone()), Some(call.kind)),
+                    call.raw_input.clone(),
                 );
                 if matches!(
                     call.status,
@@ -220,7 +208,11 @@ impl Pump {
                 let fields = update.fields;
                 if !self.tools.contains_key(&tool_call_id) {
                     // An update for a call never announced: announce it.
-                    self.announce(&tool_call_id, &fields);
+                    self.announce(
+                        &tool_call_id,
+                        tool_name(fields.name.clone(), fields.title.clone(), fields.kind),
+                        fields.raw_input.clone(),
+                    );
                 }
                 if let Some(status @ (ToolCallStatus::Completed | ToolCallStatus::Failed)) =
                     fields.status
@@ -304,9 +296,9 @@ impl Pump {
         });
     }
 
-    fn announce(&mut self, tool_call_id: &str, fields: &ToolCallUpdateFields) {
-        let title = tool_name(fields.name.clone(), fields.title.clone(), fields.kind);
-        let input = fields.raw_input.clone().unwrap_or(serde_json::Value::Null);
+    /// Publishes the use of a tool call and remembers it for its result.
+    fn announce(&mut self, tool_call_id: &str, title: String, input: Option<serde_json::Value>) {
+        let input = input.unwrap_or(serde_json::Value::Null);
         let event_id = self.session.log.emit(|id| RuntimeEvent::ToolUse {
             id,
             name: title.clone(),

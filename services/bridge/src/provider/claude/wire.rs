@@ -607,28 +607,9 @@ pub(super) struct HistoryBlock {
 /// Milliseconds since the epoch of an RFC 3339 UTC time such as
 /// `2026-04-01T12:30:05.123Z` (offsets other than `Z` are not used by the API).
 pub(super) fn parse_time_ms(time: &str) -> Option<i64> {
-    let b = time.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || !time.ends_with('Z') {
-        return None;
-    }
-    let num = |range: std::ops::Range<usize>| time.get(range)?.parse::<i64>().ok();
-    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    let millis = match time.get(19..time.len() - 1) {
-        Some(frac) if frac.starts_with('.') => {
-            let digits: String = frac[1..].chars().chain("000".chars()).take(3).collect();
-            digits.parse::<i64>().ok()?
-        }
-        _ => 0,
-    };
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(((days * 24 + hh) * 60 + mm) * 60_000 + ss * 1000 + millis)
+    let at = humantime::parse_rfc3339(time).ok()?;
+    let since = at.duration_since(std::time::UNIX_EPOCH).ok()?;
+    i64::try_from(since.as_millis()).ok()
 }
 
 #[cfg(test)]
