@@ -305,6 +305,7 @@ impl WebUser {
         assert_eq!(res.status(), 200, "events");
         let mut reader = EventReader {
             stream: Box::pin(eventsource_stream::EventStream::new(res.bytes_stream())),
+            held: Default::default(),
         };
         let ready = reader
             .next_raw(Duration::from_secs(5))
@@ -319,6 +320,12 @@ impl WebUser {
     /// Opens the WebSocket event stream (optionally after `last_event_id`)
     /// and waits until it is live.
     pub async fn socket(&self, last_event_id: Option<u64>) -> EventReader {
+        self.chat_socket(last_event_id).await.events
+    }
+
+    /// Opens the WebSocket and uses it both ways, as the chat page does:
+    /// events in, messages out.
+    pub async fn chat_socket(&self, last_event_id: Option<u64>) -> ChatSocket {
         let ws_base = self.base.replacen("http://", "ws://", 1);
         let mut url = format!("{ws_base}/api/v1/ws?token={}", self.token);
         if let Some(id) = last_event_id {
@@ -327,6 +334,7 @@ impl WebUser {
         let (socket, _) = tokio_tungstenite::connect_async(url)
             .await
             .expect("websocket handshake");
+        let (sink, socket) = socket.split();
         let frames = socket.filter_map(|frame| async move {
             match frame {
                 Ok(tokio_tungstenite::tungstenite::Message::Text(text)) => {
@@ -355,15 +363,58 @@ impl WebUser {
                 Err(_) => None,
             }
         });
-        let mut reader = EventReader {
+        let mut events = EventReader {
             stream: Box::pin(frames),
+            held: Default::default(),
         };
-        let ready = reader
+        let ready = events
             .next_raw(Duration::from_secs(5))
             .await
             .expect("ready frame");
         assert_eq!(ready.0, "ready");
-        reader
+        ChatSocket { sink, events }
+    }
+}
+
+type SocketSink = futures::stream::SplitSink<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    tokio_tungstenite::tungstenite::Message,
+>;
+
+/// A user's chat WebSocket: messages go out on it, events come in.
+pub struct ChatSocket {
+    sink: SocketSink,
+    pub events: EventReader,
+}
+
+impl ChatSocket {
+    /// Sends a raw frame.
+    pub async fn send_frame(&mut self, frame: tokio_tungstenite::tungstenite::Message) {
+        use futures::SinkExt as _;
+        self.sink.send(frame).await.expect("websocket send");
+    }
+
+    /// Sends `body` (what `POST /api/v1/messages` takes) as a text frame
+    /// and returns the server's answer to it: `{"kind":"accepted",…}` or
+    /// `{"kind":"error",…}`. Events read meanwhile stay readable.
+    pub async fn post(&mut self, body: &serde_json::Value) -> serde_json::Value {
+        self.send_frame(tokio_tungstenite::tungstenite::Message::Text(
+            body.to_string().into(),
+        ))
+        .await;
+        self.answer().await
+    }
+
+    /// The server's answer to the last frame sent.
+    pub async fn answer(&mut self) -> serde_json::Value {
+        self.events.answer(Duration::from_secs(10)).await
+    }
+
+    /// Sends a message; panics unless it was accepted.
+    pub async fn send(&mut self, text: &str) -> String {
+        let answer = self.post(&serde_json::json!({ "text": text })).await;
+        assert_eq!(answer["kind"], "accepted", "send over the socket: {answer}");
+        answer["id"].as_str().expect("accepted id").to_owned()
     }
 }
 
@@ -381,10 +432,15 @@ type SseStream = std::pin::Pin<
 /// Reads a user's event stream, SSE or WebSocket.
 pub struct EventReader {
     stream: SseStream,
+    /// Events read while looking for a socket answer, not yet taken.
+    held: std::collections::VecDeque<(String, String, String)>,
 }
 
 impl EventReader {
     async fn next_raw(&mut self, timeout: Duration) -> Option<(String, String, String)> {
+        if let Some(held) = self.held.pop_front() {
+            return Some(held);
+        }
         let event = tokio::time::timeout(timeout, self.stream.next())
             .await
             .ok()??;
@@ -399,7 +455,7 @@ impl EventReader {
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let (kind, _id, data) = self.next_raw(left).await?;
-            if kind == "typing" {
+            if kind == "typing" || kind == "accepted" {
                 continue;
             }
             if kind == "close" {
@@ -423,6 +479,28 @@ impl EventReader {
                 return event;
             }
         }
+    }
+
+    /// The next answer to a message sent on the socket (`accepted` or
+    /// `error`); events before it stay readable. Panics after `timeout`.
+    async fn answer(&mut self, timeout: Duration) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut passed = Vec::new();
+        let answer = loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let raw = tokio::time::timeout(left, self.stream.next())
+                .await
+                .ok()
+                .flatten()
+                .and_then(Result::ok)
+                .unwrap_or_else(|| panic!("no answer on the socket within {timeout:?}"));
+            if raw.event == "accepted" || raw.event == "error" {
+                break serde_json::from_str(&raw.data).expect("answer json");
+            }
+            passed.push((raw.event, raw.id, raw.data));
+        };
+        self.held.extend(passed);
+        answer
     }
 
     /// The close code the server sent (WebSocket only), skipping events;

@@ -474,3 +474,90 @@ async fn the_websocket_refuses_bad_tokens_and_plain_requests_and_closes_on_shutd
     web.stop().await;
     assert_eq!(socket.closed(WAIT).await, Some(1001));
 }
+
+#[tokio::test]
+async fn messages_sent_on_the_websocket_are_accepted_in_order_and_bad_ones_get_the_post_errors() {
+    use tokio_tungstenite::tungstenite::Message as Frame;
+    let stack = Stack::start().await;
+    let _bridge = stack.echo_bridge().await;
+    let (_web, url) = stack
+        .web(hg_web::WebConfig {
+            max_body_bytes: 1024,
+            max_message_chars: 200,
+            ..hg_e2e::web_config()
+        })
+        .await;
+    let ana = WebUser::signup(&url).await;
+    let mut chat = ana.chat_socket(None).await;
+
+    // Messages sent back to back are stored and answered in the order sent.
+    for n in 0..5 {
+        let body =
+            serde_json::json!({"text": format!("m{n}"), "client_message_id": format!("c{n}")});
+        chat.send_frame(Frame::Text(body.to_string().into())).await;
+    }
+    for n in 0..5 {
+        let answer = chat.answer().await;
+        assert_eq!(answer["kind"], "accepted", "{answer}");
+        assert_eq!(answer["id"], format!("c{n}"));
+    }
+    let mut texts = Vec::new();
+    for _ in 0..5 {
+        texts.push(chat.events.next_kind("reply", WAIT).await.text);
+    }
+    assert_eq!(texts, ["m0", "m1", "m2", "m3", "m4"]);
+    // A resent client id is accepted again but answered once.
+    let again = chat
+        .post(&serde_json::json!({"text": "m0", "client_message_id": "c0"}))
+        .await;
+    assert_eq!(again["kind"], "accepted");
+    assert!(chat.events.collect(Duration::from_secs(1)).await.is_empty());
+
+    // Bad frames get what a POST would, and the socket stays usable.
+    let text = |s: String| Frame::Text(s.into());
+    assert_eq!(
+        refused(&mut chat, text("{not json".into())).await,
+        (400, "invalid_json".into())
+    );
+    assert_eq!(
+        refused(&mut chat, text(r#"{"text": "  "}"#.into())).await,
+        (400, "empty_message".into())
+    );
+    let long = serde_json::json!({"text": "x".repeat(201)}).to_string();
+    assert_eq!(
+        refused(&mut chat, text(long)).await,
+        (413, "message_too_long".into())
+    );
+    let oversize = serde_json::json!({"text": "y".repeat(1500)}).to_string();
+    assert_eq!(
+        refused(&mut chat, text(oversize)).await,
+        (413, "payload_too_large".into())
+    );
+    assert_eq!(
+        refused(&mut chat, Frame::Binary(b"{}".to_vec().into())).await,
+        (400, "text_frames_only".into())
+    );
+    chat.send("still here").await;
+    assert_eq!(
+        chat.events.next_kind("reply", WAIT).await.text,
+        "still here"
+    );
+
+    // A frame far beyond the limit closes the socket: "message too big".
+    chat.send_frame(text("z".repeat(5000))).await;
+    assert_eq!(chat.events.closed(WAIT).await, Some(1009));
+}
+
+/// Sends a frame the server must refuse; its (status, error code).
+async fn refused(
+    chat: &mut hg_e2e::ChatSocket,
+    raw: tokio_tungstenite::tungstenite::Message,
+) -> (u64, String) {
+    chat.send_frame(raw).await;
+    let answer = chat.answer().await;
+    assert_eq!(answer["kind"], "error", "{answer}");
+    (
+        answer["status"].as_u64().unwrap(),
+        answer["error"]["code"].as_str().unwrap().to_owned(),
+    )
+}

@@ -5,8 +5,10 @@
 //! - `POST /api/v1/messages` publishes the user's message to `hg.in.web.<app>`.
 //! - `GET /api/v1/events` streams replies and typing over SSE, replaying
 //!   what a reconnecting browser missed (`Last-Event-ID`).
-//! - `GET /api/v1/ws` streams the same events over a WebSocket; an idle
-//!   WebSocket holds about a third of the memory of an idle SSE response.
+//! - `GET /api/v1/ws` carries the chat both ways over one WebSocket: the
+//!   same events as the SSE stream, and the user's messages (each answered
+//!   `accepted` or with the error a POST would get). An idle WebSocket holds
+//!   about a sixth of the memory of an idle SSE response.
 //! - `/healthz`, `/readyz`, `/metrics`.
 //!
 //! The web egress consumes `hg.out.web.>` through the shared pipeline and
@@ -363,16 +365,28 @@ async fn send_message(
     let user = state.auth.verify(bearer(&headers).unwrap_or_default())?;
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!("request body exceeds {} bytes", state.config.max_body_bytes),
-            )
+            too_large(state.config.max_body_bytes)
         } else {
             ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text())
         }
     })?;
-    let body: SendBody = serde_json::from_slice(&body).map_err(|e| {
+    let id = accept(&state, &user, &body).await?;
+    Ok((StatusCode::ACCEPTED, axum::Json(Accepted { id })).into_response())
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        format!("request body exceeds {limit} bytes"),
+    )
+}
+
+/// Checks a message body (`{"text", "action", "client_message_id"}`, from
+/// `POST /api/v1/messages` or a socket frame) and publishes it as `user`'s
+/// inbound message. Returns the message id once the bus has stored it.
+async fn accept(state: &AppState, user: &str, body: &[u8]) -> Result<String, ApiError> {
+    let body: SendBody = serde_json::from_slice(body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_json",
@@ -426,10 +440,10 @@ async fn send_message(
         id: format!("{user}:{id}"),
         platform: PLATFORM.into(),
         app_id: app.clone(),
-        channel_id: user.clone(),
+        channel_id: user.to_owned(),
         chat_type: ChatType::Direct as i32,
         sender: Some(Sender {
-            id: user.clone(),
+            id: user.to_owned(),
             ..Default::default()
         }),
         text: body.text,
@@ -458,7 +472,7 @@ async fn send_message(
             )
         })?;
     metrics::counter!("hg_web_messages_total").increment(1);
-    Ok((StatusCode::ACCEPTED, axum::Json(Accepted { id })).into_response())
+    Ok(id)
 }
 
 fn valid_client_id(id: &str) -> bool {
@@ -496,18 +510,20 @@ async fn events(
 /// ping), so proxies keep it and dead peers are noticed.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
-/// Initial WebSocket read buffer. Browsers send nothing but pongs and
-/// close frames here, so a small buffer (grown on demand) keeps idle
+/// Initial WebSocket read buffer. Clients send short messages, pongs and
+/// close frames, so a small buffer (grown on demand) keeps idle
 /// connections cheap; tungstenite's default is 128 KiB each.
 const WS_READ_BUFFER: usize = 512;
 
-/// Largest frame a client may send on the event socket.
-const WS_MAX_INBOUND: usize = 64 * 1024;
-
-/// `GET /api/v1/ws`: the events of `/api/v1/events` as WebSocket text
-/// frames, one JSON [`WebEvent`] each (`seq` is its event id; reconnect
-/// with `last_event_id` to get what was missed). The first frame is
-/// `{"kind":"ready"}`. Authenticated like the SSE stream, before upgrading.
+/// `GET /api/v1/ws`: the chat over one WebSocket. Server to client: the
+/// events of `/api/v1/events` as text frames, one JSON [`WebEvent`] each
+/// (`seq` is its event id; reconnect with `last_event_id` to get what was
+/// missed), after a first `{"kind":"ready"}`. Client to server: a text
+/// frame with the body of `POST /api/v1/messages`, answered in order by
+/// `{"kind":"accepted","id"}` once the message is stored on the bus, or by
+/// `{"kind":"error","status","error":{"code","message"}}` with the status
+/// and error the POST would have had. Authenticated like the SSE stream,
+/// before upgrading.
 async fn websocket(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -524,18 +540,21 @@ async fn websocket(
     })?;
     let after = query.last_event_id;
     let app = state.config.app_id.clone();
+    // Frames up to twice the body limit are read and refused with a JSON
+    // error, like an oversize POST; a larger one closes the socket (1009).
+    let frame_limit = state.config.max_body_bytes.saturating_mul(2).max(4096);
     Ok(upgrade
         .read_buffer_size(WS_READ_BUFFER)
         .write_buffer_size(0)
-        .max_message_size(WS_MAX_INBOUND)
-        .max_frame_size(WS_MAX_INBOUND)
+        .max_message_size(frame_limit)
+        .max_frame_size(frame_limit)
         .on_failed_upgrade(|e| tracing::debug!(error = %e, "websocket upgrade failed"))
         .on_upgrade(move |socket| websocket_connection(state, app, user, after, socket)))
 }
 
-/// One event socket: register for live events first, then replay what was
-/// missed, then forward live events not already replayed, until the client
-/// goes or the service stops.
+/// One chat socket: register for live events first, then replay what was
+/// missed, then forward live events not already replayed and take the
+/// client's messages, until the client goes or the service stops.
 async fn websocket_connection(
     state: Arc<AppState>,
     app: String,
@@ -570,11 +589,38 @@ async fn websocket_connection(
                 // with its last event id.
                 None => break,
             },
-            // Pings are answered by the library; anything else the client
-            // sends here is ignored (messages go to POST /api/v1/messages).
+            // A message is published before the next frame is read, so a
+            // client's messages keep their order. Pings are answered by
+            // the library.
             received = incoming.next() => match received {
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(Message::Text(text))) => {
+                    Message::Text(accept_frame(&state, &user, text.as_bytes()).await.into())
+                }
+                Some(Ok(Message::Binary(_))) => Message::Text(
+                    error_frame(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "text_frames_only",
+                        "send messages as text frames of JSON",
+                    ))
+                    .into(),
+                ),
+                Some(Ok(Message::Close(_))) | None => return,
                 Some(Ok(_)) => continue,
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "websocket read failed");
+                    let (code, reason) = if e.to_string().contains("too long") {
+                        (axum::extract::ws::close_code::SIZE, "message too big")
+                    } else {
+                        (axum::extract::ws::close_code::PROTOCOL, "protocol error")
+                    };
+                    let _ = sink
+                        .send(Message::Close(Some(axum::extract::ws::CloseFrame {
+                            code,
+                            reason: reason.into(),
+                        })))
+                        .await;
+                    return;
+                }
             },
             _ = keep_alive.tick() => Message::Ping(Bytes::new()),
             () = state.shutdown.cancelled() => break,
@@ -589,6 +635,27 @@ async fn websocket_connection(
             reason: "going away; reconnect".into(),
         })))
         .await;
+}
+
+/// The answer to a message sent on the socket: `accepted` with its id, or
+/// the error a POST would have had.
+async fn accept_frame(state: &AppState, user: &str, body: &[u8]) -> String {
+    if body.len() > state.config.max_body_bytes {
+        return error_frame(too_large(state.config.max_body_bytes));
+    }
+    match accept(state, user, body).await {
+        Ok(id) => serde_json::json!({"kind": "accepted", "id": id}).to_string(),
+        Err(e) => error_frame(e),
+    }
+}
+
+fn error_frame(e: ApiError) -> String {
+    serde_json::json!({
+        "kind": "error",
+        "status": e.status.as_u16(),
+        "error": {"code": e.code, "message": e.message},
+    })
+    .to_string()
 }
 
 /// An event as the JSON both streams carry.

@@ -4,13 +4,15 @@
 //! artificial delay; a stream only carries events produced after it
 //! connected) and `harnessgate run bridge web` as its own process, then
 //! drives the web API with U concurrent users, each sending M messages one
-//! after another and waiting for each reply on its SSE stream. Reports
+//! after another and waiting for each reply, over one WebSocket per user
+//! as the chat page does (or `--send-via http`: POST each message and read
+//! replies from the SSE stream). Reports
 //! messages/s, p50/p99 round trip, errors and lost replies, the stack's
 //! peak RSS, and its RSS with many idle connected users.
 //!
 //! ```text
 //! cargo build --release -p harnessgate -p hg-e2e
-//! ulimit -n 65536; target/release/hg-bench [--users 1,10,100,500] [--messages 20] [--idle 10000] [--idle-via ws|sse]
+//! ulimit -n 65536; target/release/hg-bench [--users 1,10,100,500] [--messages 20] [--idle 10000] [--idle-via ws|sse] [--send-via ws|http]
 //! ```
 
 use std::path::PathBuf;
@@ -35,6 +37,10 @@ struct Args {
     /// How idle users are connected: "ws" (`/api/v1/ws`) or "sse"
     /// (`/api/v1/events`).
     idle_via: String,
+    /// How active users talk: "ws" (messages and replies on `/api/v1/ws`,
+    /// as the chat page does) or "http" (`POST /api/v1/messages`, replies
+    /// on `/api/v1/events`).
+    send_via: String,
 }
 
 fn args() -> Args {
@@ -43,6 +49,7 @@ fn args() -> Args {
         messages: 20,
         idle: 10_000,
         idle_via: "ws".into(),
+        send_via: "ws".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -54,6 +61,10 @@ fn args() -> Args {
             "--idle-via" => {
                 assert!(value == "ws" || value == "sse", "--idle-via ws|sse");
                 args.idle_via = value;
+            }
+            "--send-via" => {
+                assert!(value == "ws" || value == "http", "--send-via ws|http");
+                args.send_via = value;
             }
             other => panic!("unknown flag {other}"),
         }
@@ -178,6 +189,81 @@ async fn connect(client: &reqwest::Client, base: &str, user: &User) -> Events {
     events
 }
 
+/// An active user's connection.
+enum Chat {
+    /// Messages over `POST /api/v1/messages`, replies on the SSE stream.
+    Http(reqwest::Client, Events),
+    /// Both on the WebSocket.
+    Ws(Box<Socket>),
+}
+
+impl Chat {
+    /// Sends `text` and waits for its echo; false if refused or lost.
+    async fn round_trip(&mut self, base: &str, user: &User, text: &str) -> Result<(), Failure> {
+        let expected = format!("echo: {text}");
+        match self {
+            Chat::Http(client, events) => {
+                let sent = client
+                    .post(format!("{base}/api/v1/messages"))
+                    .bearer_auth(&user.token)
+                    .json(&serde_json::json!({ "text": text }))
+                    .send()
+                    .await;
+                if !matches!(sent, Ok(ref res) if res.status() == 202) {
+                    return Err(Failure::Refused);
+                }
+                let wait = async {
+                    while let Some(event) = events.next().await {
+                        if event.event == "reply" && reply_is(&event.data, &expected) {
+                            return true;
+                        }
+                    }
+                    false
+                };
+                match tokio::time::timeout(Duration::from_secs(30), wait).await {
+                    Ok(true) => Ok(()),
+                    _ => Err(Failure::Lost),
+                }
+            }
+            Chat::Ws(socket) => {
+                use futures::SinkExt as _;
+                use tokio_tungstenite::tungstenite::Message;
+                let frame = serde_json::json!({ "text": text }).to_string();
+                if socket.send(Message::Text(frame.into())).await.is_err() {
+                    return Err(Failure::Refused);
+                }
+                let wait = async {
+                    while let Some(Ok(frame)) = socket.next().await {
+                        let Message::Text(data) = frame else { continue };
+                        if data.contains(r#""kind":"error""#) {
+                            return Err(Failure::Refused);
+                        }
+                        if data.contains(r#""kind":"reply""#) && reply_is(&data, &expected) {
+                            return Ok(());
+                        }
+                    }
+                    Err(Failure::Lost)
+                };
+                tokio::time::timeout(Duration::from_secs(30), wait)
+                    .await
+                    .unwrap_or(Err(Failure::Lost))
+            }
+        }
+    }
+}
+
+enum Failure {
+    /// The message was not accepted (an error).
+    Refused,
+    /// Accepted, but no reply within 30 s.
+    Lost,
+}
+
+fn reply_is(data: &str, expected: &str) -> bool {
+    let data: serde_json::Value = serde_json::from_str(data).unwrap_or_default();
+    data["text"] == expected
+}
+
 /// An idle user's open event connection.
 enum Idle {
     Sse(#[allow(dead_code)] Events),
@@ -218,54 +304,28 @@ struct Outcome {
 }
 
 async fn run_user(
-    client: reqwest::Client,
     base: String,
     index: usize,
     messages: usize,
     user: User,
-    mut events: Events,
+    mut chat: Chat,
 ) -> Outcome {
     let mut outcome = Outcome::default();
     for m in 0..messages {
         let text = format!("u{index}-m{m}");
-        let expected = format!("echo: {text}");
         let started = Instant::now();
-        let sent = client
-            .post(format!("{base}/api/v1/messages"))
-            .bearer_auth(&user.token)
-            .json(&serde_json::json!({ "text": text }))
-            .send()
-            .await;
-        match sent {
-            Ok(res) if res.status() == 202 => {}
-            _ => {
-                outcome.errors += 1;
-                continue;
-            }
-        }
-        let got = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Some(event) = events.next().await {
-                if event.event == "reply" {
-                    let data: serde_json::Value =
-                        serde_json::from_str(&event.data).unwrap_or_default();
-                    if data["text"] == expected.as_str() {
-                        return true;
-                    }
-                }
-            }
-            false
-        })
-        .await;
-        match got {
-            Ok(true) => {
-                outcome.latencies.push(started.elapsed());
+        match chat.round_trip(&base, &user, &text).await {
+            Ok(()) => {
+                let took = started.elapsed();
+                outcome.latencies.push(took);
                 if m == 0 {
-                    outcome.first.push(started.elapsed());
+                    outcome.first.push(took);
                 } else {
-                    outcome.later.push(started.elapsed());
+                    outcome.later.push(took);
                 }
             }
-            _ => outcome.lost += 1,
+            Err(Failure::Refused) => outcome.errors += 1,
+            Err(Failure::Lost) => outcome.lost += 1,
         }
     }
     outcome
@@ -296,8 +356,13 @@ async fn main() {
         .build()
         .expect("http client");
     println!(
-        "stack pid {pid}, RSS after start-up: {} KiB",
-        rss_kib(pid).0
+        "stack pid {pid}, RSS after start-up: {} KiB; active users talk over {}",
+        rss_kib(pid).0,
+        if args.send_via == "ws" {
+            "the WebSocket"
+        } else {
+            "HTTP POST + SSE"
+        }
     );
     let nats_pid = nats.pid().expect("nats pid").to_string();
     let stack_pid = pid.to_string();
@@ -310,8 +375,12 @@ async fn main() {
         let mut prepared = Vec::with_capacity(users);
         for i in 0..users {
             let user = signup(&client, &stack.base).await;
-            let events = connect(&client, &stack.base, &user).await;
-            prepared.push((i, user, events));
+            let chat = if args.send_via == "ws" {
+                Chat::Ws(Box::new(connect_ws(&stack.base, &user).await))
+            } else {
+                Chat::Http(client.clone(), connect(&client, &stack.base, &user).await)
+            };
+            prepared.push((i, user, chat));
         }
         let bus_before = nats.message_counts();
         let cpu_before = [
@@ -322,15 +391,8 @@ async fn main() {
         let started = Instant::now();
         let tasks: Vec<_> = prepared
             .into_iter()
-            .map(|(i, user, events)| {
-                tokio::spawn(run_user(
-                    client.clone(),
-                    stack.base.clone(),
-                    i,
-                    args.messages,
-                    user,
-                    events,
-                ))
+            .map(|(i, user, chat)| {
+                tokio::spawn(run_user(stack.base.clone(), i, args.messages, user, chat))
             })
             .collect();
         let mut all = Outcome::default();
