@@ -204,3 +204,45 @@ async fn unknown_nats_url_fails_with_a_clear_error() {
     .expect("connect must fail");
     assert!(err.to_string().contains("cannot connect to nats"), "{err}");
 }
+
+#[tokio::test]
+async fn a_publish_no_stream_takes_or_a_stream_refuses_fails_with_the_reason() {
+    let server = NatsServer::start();
+    let bus = Bus::connect(&config(&server)).await.unwrap();
+    bus.ensure_streams().await.unwrap();
+    let nowhere = bus
+        .publish("hg.nowhere", &inbound("m1"), None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(nowhere.contains("no stream takes this subject"), "{nowhere}");
+
+    bus.ensure_stream(async_nats::jetstream::stream::Config {
+        name: "TINY".into(),
+        subjects: vec!["tiny.>".into()],
+        max_message_size: 16,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let refused = bus
+        .publish("tiny.x", &inbound("a message longer than sixteen bytes"), None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("maximum"), "{refused}");
+    assert!(refused.contains("tiny.x"), "names the subject: {refused}");
+}
+
+#[tokio::test]
+async fn kv_put_stores_new_revisions_readable_by_the_library() {
+    let server = NatsServer::start();
+    let bus = Bus::connect(&config(&server)).await.unwrap();
+    let store = bus.kv(hg_bus::kv_config("hg_test", "test")).await.unwrap();
+    let first = bus.kv_put(&store, "k", "one".into()).await.unwrap();
+    let second = bus.kv_put(&store, "k", "two".into()).await.unwrap();
+    assert!(second > first);
+    let entry = store.entry("k").await.unwrap().expect("stored");
+    assert_eq!(entry.value.as_ref(), b"two");
+    assert_eq!(entry.revision, second);
+}

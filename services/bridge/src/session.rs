@@ -93,6 +93,7 @@ pub struct SessionRecord {
 #[derive(Clone)]
 pub struct SessionStore {
     store: kv::Store,
+    bus: Bus,
 }
 
 impl SessionStore {
@@ -104,7 +105,10 @@ impl SessionStore {
                 "conversation to runtime session",
             ))
             .await?;
-        Ok(SessionStore { store })
+        Ok(SessionStore {
+            store,
+            bus: bus.clone(),
+        })
     }
 
     /// The record of `key`, if any.
@@ -139,10 +143,7 @@ impl SessionStore {
         record: &SessionRecord,
     ) -> Result<(), BusError> {
         let bytes = serde_json::to_vec(record).expect("session record serializes");
-        self.store
-            .put(token, bytes.into())
-            .await
-            .map_err(kv_error)?;
+        self.bus.kv_put(&self.store, token, bytes.into()).await?;
         Ok(())
     }
 

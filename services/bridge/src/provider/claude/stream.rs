@@ -768,7 +768,28 @@ fn decode_page(body: &Bytes) -> Result<Page<'_>> {
 struct SeenIds {
     hasher: RandomState,
     order: VecDeque<u64>,
-    set: HashSet<u64>,
+    /// Keyed hashes of the ids: already uniform, so not hashed again.
+    set: HashSet<u64, std::hash::BuildHasherDefault<Prehashed>>,
+}
+
+/// The hasher of a set of keyed hashes: passes them through.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, hash: u64) {
+        self.0 = hash;
+    }
 }
 
 impl SeenIds {
@@ -776,7 +797,7 @@ impl SeenIds {
         SeenIds {
             hasher: RandomState::new(),
             order: VecDeque::new(),
-            set: HashSet::new(),
+            set: HashSet::default(),
         }
     }
 
