@@ -215,7 +215,10 @@ async fn a_publish_no_stream_takes_or_a_stream_refuses_fails_with_the_reason() {
         .await
         .unwrap_err()
         .to_string();
-    assert!(nowhere.contains("no stream takes this subject"), "{nowhere}");
+    assert!(
+        nowhere.contains("no stream takes this subject"),
+        "{nowhere}"
+    );
 
     bus.ensure_stream(async_nats::jetstream::stream::Config {
         name: "TINY".into(),
@@ -226,7 +229,11 @@ async fn a_publish_no_stream_takes_or_a_stream_refuses_fails_with_the_reason() {
     .await
     .unwrap();
     let refused = bus
-        .publish("tiny.x", &inbound("a message longer than sixteen bytes"), None)
+        .publish(
+            "tiny.x",
+            &inbound("a message longer than sixteen bytes"),
+            None,
+        )
         .await
         .unwrap_err()
         .to_string();

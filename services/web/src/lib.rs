@@ -593,9 +593,13 @@ async fn websocket_connection(
             // client's messages keep their order. Pings are answered by
             // the library.
             received = incoming.next() => match received {
-                Some(Ok(Message::Text(text))) => {
-                    Message::Text(accept_frame(&state, &user, text.as_bytes()).await.into())
-                }
+                // Boxed: inline, the publish's future would size every
+                // idle connection's task (+2 KiB each).
+                Some(Ok(Message::Text(text))) => Message::Text(
+                    Box::pin(accept_frame(&state, &user, text.as_bytes()))
+                        .await
+                        .into(),
+                ),
                 Some(Ok(Message::Binary(_))) => Message::Text(
                     error_frame(ApiError::new(
                         StatusCode::BAD_REQUEST,
