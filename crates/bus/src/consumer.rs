@@ -70,9 +70,23 @@ impl ConsumerSpec {
 pub struct Delivery {
     message: jetstream::Message,
     received: Instant,
+    /// From the ack subject, parsed once: (times delivered, stream sequence).
+    info: (u32, u64),
 }
 
 impl Delivery {
+    fn new(message: jetstream::Message, received: Instant) -> Self {
+        let info = message
+            .info()
+            .map(|i| (i.delivered.max(1) as u32, i.stream_sequence))
+            .unwrap_or((1, 0));
+        Delivery {
+            message,
+            received,
+            info,
+        }
+    }
+
     /// The subject the message was published on.
     pub fn subject(&self) -> &str {
         self.message.subject.as_str()
@@ -99,18 +113,12 @@ impl Delivery {
     /// How many times the server has delivered this message (1 the first
     /// time).
     pub fn deliveries(&self) -> u32 {
-        self.message
-            .info()
-            .map(|i| i.delivered.max(1) as u32)
-            .unwrap_or(1)
+        self.info.0
     }
 
     /// Sequence of the message in its stream.
     pub fn stream_sequence(&self) -> u64 {
-        self.message
-            .info()
-            .map(|i| i.stream_sequence)
-            .unwrap_or_default()
+        self.info.1
     }
 
     /// When this replica received the message.
@@ -161,13 +169,13 @@ impl Delivery {
             description: None,
             length: request.length,
         };
-        Some(Delivery {
-            message: jetstream::Message {
+        Some(Delivery::new(
+            jetstream::Message {
                 message,
                 context: bus.jetstream().clone(),
             },
-            received: Instant::now(),
-        })
+            Instant::now(),
+        ))
     }
 
     /// Publishes this message to `hg.dlq.<service>` with `reason`
@@ -312,7 +320,7 @@ impl WatchedConsumer {
                     next = messages.next() => match next {
                         Some(Ok(message)) => {
                             last_progress = Instant::now();
-                            on_message(Delivery { message, received: last_progress });
+                            on_message(Delivery::new(message, last_progress));
                         }
                         Some(Err(e)) => {
                             use async_nats::jetstream::consumer::pull::MessagesErrorKind as K;

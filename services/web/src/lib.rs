@@ -855,15 +855,12 @@ impl Platform for WebPlatform {
         let msg_id = format!("{}:{}", message.id, part.index);
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id.as_str());
-        let ack = self
+        let stored = self
             .bus
-            .jetstream()
-            .publish_with_headers(subject, headers, payload.into())
-            .await
-            .map_err(transient)?
+            .store(&subject, Some(headers), payload.into())
             .await
             .map_err(transient)?;
-        Ok(ack.sequence.to_string())
+        Ok(stored.sequence.to_string())
     }
 
     async fn typing(&self, message: &OutboundMessage, on: bool) -> Result<(), DeliveryError> {
