@@ -253,6 +253,12 @@ struct ApiError {
 }
 
 impl ApiError {
+    /// `{"code","message"}`: the `error` of an HTTP error body or of a
+    /// socket's error frame.
+    fn detail(&self) -> serde_json::Value {
+        serde_json::json!({"code": self.code, "message": self.message})
+    }
+
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             status,
@@ -264,7 +270,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        let body = serde_json::json!({"error": self.detail()});
         (self.status, axum::Json(body)).into_response()
     }
 }
@@ -657,7 +663,7 @@ fn error_frame(e: ApiError) -> String {
     serde_json::json!({
         "kind": "error",
         "status": e.status.as_u16(),
-        "error": {"code": e.code, "message": e.message},
+        "error": e.detail(),
     })
     .to_string()
 }

@@ -198,7 +198,7 @@ enum Chat {
 }
 
 impl Chat {
-    /// Sends `text` and waits for its echo; false if refused or lost.
+    /// Sends `text` and waits for its echo.
     async fn round_trip(&mut self, base: &str, user: &User, text: &str) -> Result<(), Failure> {
         let expected = format!("echo: {text}");
         match self {
