@@ -10,10 +10,12 @@
 //! - [`keyed::KeyedWorkers`] processes messages of one key (a conversation, a
 //!   chat) in order while different keys run concurrently.
 //! - [`lease::Lease`] gives one replica at a time ownership of a key.
+//! - [`presence::Presence`] tells a replica whether others are running.
 
 pub mod consumer;
 pub mod keyed;
 pub mod lease;
+pub mod presence;
 pub mod trace;
 
 use std::time::Duration;

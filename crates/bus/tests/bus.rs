@@ -5,10 +5,12 @@ use std::time::Duration;
 
 use hg_bus::consumer::{ConsumerSpec, WatchedConsumer};
 use hg_bus::lease::{Claim, Lease};
+use hg_bus::presence::{Presence, PresenceTimings};
 use hg_bus::{Bus, BusConfig};
 use hg_proto::{InboundMessage, subject};
 use hg_testkit::nats::NatsServer;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 fn config(server: &NatsServer) -> BusConfig {
     BusConfig {
@@ -252,4 +254,106 @@ async fn kv_put_stores_new_revisions_readable_by_the_library() {
     let entry = store.entry("k").await.unwrap().expect("stored");
     assert_eq!(entry.value.as_ref(), b"two");
     assert_eq!(entry.revision, second);
+}
+
+fn quick_presence() -> PresenceTimings {
+    PresenceTimings {
+        refresh: Duration::from_millis(100),
+        echo_window: Duration::from_millis(300),
+        stale_after: Duration::from_millis(800),
+        join_grace: Duration::from_millis(500),
+    }
+}
+
+async fn join(bus: &Bus, me: &str, tracker: &TaskTracker, stop: &CancellationToken) -> Presence {
+    Presence::join_with(
+        bus,
+        "hg_test_replicas",
+        me,
+        quick_presence(),
+        tracker,
+        stop.clone(),
+    )
+    .await
+    .unwrap()
+}
+
+/// Polls `check` for up to five seconds.
+async fn eventually(mut check: impl FnMut() -> bool) -> bool {
+    for _ in 0..100 {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_replica_is_alone_until_another_joins_and_again_once_it_leaves() {
+    let server = NatsServer::start();
+    let bus = Bus::connect(&config(&server)).await.unwrap();
+    let (tracker, stop) = (TaskTracker::new(), CancellationToken::new());
+    let a = join(&bus, "a", &tracker, &stop).await;
+    assert!(a.alone());
+
+    let (b_tracker, b_stop) = (TaskTracker::new(), CancellationToken::new());
+    let joining = std::time::Instant::now();
+    let b = join(&bus, "b", &b_tracker, &b_stop).await;
+    assert!(
+        joining.elapsed() >= quick_presence().join_grace,
+        "a replica that finds others waits before it works"
+    );
+    // Both know of each other by the time the newcomer starts work.
+    assert!(!a.alone());
+    assert!(!b.alone());
+    assert_eq!(a.others(), ["b"]);
+    assert_eq!(b.others(), ["a"]);
+
+    // Leaving deletes the entry: the other one is alone again at once.
+    b_stop.cancel();
+    b_tracker.close();
+    b_tracker.wait().await;
+    assert!(eventually(|| a.alone()).await, "others: {:?}", a.others());
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_replica_that_died_counts_until_its_entry_is_stale() {
+    let server = NatsServer::start();
+    let bus = Bus::connect(&config(&server)).await.unwrap();
+    let (tracker, stop) = (TaskTracker::new(), CancellationToken::new());
+    let a = join(&bus, "a", &tracker, &stop).await;
+    // What a replica that was killed leaves behind: its last put.
+    let store = bus
+        .jetstream()
+        .get_key_value("hg_test_replicas")
+        .await
+        .unwrap();
+    store.put("dead", "up".into()).await.unwrap();
+    assert!(eventually(|| !a.alone()).await);
+    assert_eq!(a.others(), ["dead"]);
+    assert!(eventually(|| a.alone()).await, "others: {:?}", a.others());
+    assert!(a.others().is_empty());
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_replica_whose_watch_is_down_is_not_alone_until_it_works_again() {
+    let mut server = NatsServer::start();
+    let bus = Bus::connect(&config(&server)).await.unwrap();
+    let (tracker, stop) = (TaskTracker::new(), CancellationToken::new());
+    let a = join(&bus, "a", &tracker, &stop).await;
+    assert!(a.alone());
+    server.kill();
+    assert!(
+        eventually(|| !a.alone()).await,
+        "with the server gone the replica cannot know who joined"
+    );
+    server.restart();
+    assert!(
+        eventually(|| a.alone()).await,
+        "the watch recovers after the server comes back"
+    );
+    stop.cancel();
 }

@@ -23,6 +23,7 @@ use std::time::Duration;
 use hg_bus::consumer::{ConsumerSpec, Delivery, WatchedConsumer};
 use hg_bus::keyed::KeyedWorkers;
 use hg_bus::lease::Lease;
+use hg_bus::presence::Presence;
 use hg_bus::{Bus, BusError};
 use hg_proto::{InboundMessage, subject};
 use serde::{Deserialize, Serialize};
@@ -45,6 +46,8 @@ pub const META_BUCKET: &str = "hg_meta";
 pub const META_COMMANDS: &str = "bridge.commands";
 /// Key in [`META_BUCKET`] holding the default runtime's name.
 pub const META_DEFAULT_RUNTIME: &str = "bridge.default_runtime";
+/// KV bucket where running bridge replicas announce themselves.
+pub const REPLICAS_BUCKET: &str = "hg_bridge_replicas";
 
 /// Bridge settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -239,6 +242,10 @@ pub async fn run_with_clock(
              set ANTHROPIC_API_KEY, an agent id and an environment id to use Claude Managed Agents"
         );
     }
+    let tracker = TaskTracker::new();
+    // Before consuming: replicas already running must know of this one.
+    let presence =
+        Presence::join(&bus, REPLICAS_BUCKET, &replica, &tracker, shutdown.clone()).await?;
     let mut spec = ConsumerSpec::new(subject::STREAM_IN, "bridge", "hg.in.>");
     spec.max_ack_pending = config.max_in_flight;
     spec.ack_wait = config.ack_wait;
@@ -249,11 +256,11 @@ pub async fn run_with_clock(
         config.resolver.clone(),
         bus.clone(),
     );
-    let tracker = TaskTracker::new();
     let linger = config.session_lease_linger;
     let bridge = Arc::new(turn::Bridge {
         bus: bus.clone(),
         replica: replica.clone(),
+        presence,
         config,
         providers,
         sessions: sessions.clone(),

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use hg_bus::consumer::Delivery;
 use hg_bus::lease::Claim;
+use hg_bus::presence::Presence;
 use std::sync::Arc;
 
 use crate::ownership::Ownership;
@@ -63,6 +64,8 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 pub(crate) struct Bridge {
     pub bus: Bus,
     pub replica: String,
+    /// Whether other replicas are running.
+    pub presence: Presence,
     pub config: BridgeConfig,
     pub providers: Providers,
     pub sessions: SessionStore,
@@ -144,10 +147,11 @@ impl Bridge {
         async {
             let lease_key = subject::token(&key);
             let outcome = match self.ownership.claim(&lease_key).await {
-                Ok((Claim::Ours(_), true)) => {
+                Ok((Claim::Ours(_), true)) if !self.presence.alone() => {
                     // Just took the conversation: earlier messages of it may
                     // be on their way from replicas that lost the race. Let
                     // them arrive, then go back in line in stream order.
+                    // (Alone, there is no one to lose a race.)
                     tokio::time::sleep(CLAIM_SETTLE).await;
                     return Some((delivery, message));
                 }

@@ -280,7 +280,11 @@ async fn connect_ws(base: &str, user: &User) -> Socket {
         base.replacen("http://", "ws://", 1),
         user.token
     );
-    let (mut socket, _) = tokio_tungstenite::connect_async(url)
+    // The default 128 KiB read buffer is zeroed on every read: most of the
+    // load generator's CPU went there, which the stack shares.
+    let config =
+        tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096);
+    let (mut socket, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true)
         .await
         .expect("websocket");
     match socket.next().await {
