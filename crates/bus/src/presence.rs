@@ -229,6 +229,8 @@ impl Inner {
                     if let Err(e) = self.announce().await {
                         tracing::warn!(error = %e, "cannot announce this replica");
                     }
+                    metrics::gauge!("hg_replicas_seen", "bucket" => self.bucket.clone())
+                        .set((self.others().len() + 1) as f64);
                     if watch.is_none() {
                         match self.watch().await {
                             Ok(w) => watch = Some(w),

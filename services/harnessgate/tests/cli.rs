@@ -112,7 +112,14 @@ fn run_serves_health_and_drains_on_sigterm() {
     });
     assert!(ready, "admin and web endpoints become ready");
     assert_eq!(http_status(admin_port, "/healthz"), Some(200));
-    assert_eq!(http_status(admin_port, "/metrics"), Some(200));
+    // The bridge counts the replicas it sees (itself).
+    let seen = (0..50).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        http_get(admin_port, "/metrics").is_some_and(|(status, body)| {
+            status == 200 && body.contains("hg_replicas_seen{bucket=\"hg_bridge_replicas\"} 1")
+        })
+    });
+    assert!(seen, "/metrics shows the replicas the bridge sees");
 
     let started = std::time::Instant::now();
     Command::new("kill")
@@ -137,6 +144,11 @@ fn run_serves_health_and_drains_on_sigterm() {
 
 /// Status code of a plain HTTP/1.1 GET on localhost.
 fn http_status(port: u16, path: &str) -> Option<u16> {
+    http_get(port, path).map(|(status, _)| status)
+}
+
+/// Status code and body of a plain HTTP/1.1 GET on localhost.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream
@@ -149,7 +161,12 @@ fn http_status(port: u16, path: &str) -> Option<u16> {
     .ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
-    response.split_whitespace().nth(1)?.parse().ok()
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
 }
 
 #[tokio::test]
