@@ -98,7 +98,7 @@ where
             let Some((seq, item, queued)) = next else {
                 return;
             };
-            // Boxed: a handler's future (a whole bridge turn) is tens of KiB,
+            // Boxed: a handler's future (a whole bridge turn) is over 10 KiB,
             // and inline it would size the worker task, which is moved
             // (copied) as a whole on every spawn.
             let handled = Box::pin((self.handler)(key.clone(), item, queued));

@@ -156,11 +156,13 @@ impl Bridge {
                     return Some((delivery, message));
                 }
                 Ok((Claim::Ours(_), _)) => {
-                    // Keep the conversation ours while the turn runs.
+                    // Keep the conversation ours while the turn runs. The
+                    // renewal (every third of the lease) is boxed so it
+                    // does not size every turn's future.
                     let refresh = async {
                         loop {
                             tokio::time::sleep(self.ownership.refresh_every()).await;
-                            match self.ownership.refresh(&lease_key).await {
+                            match Box::pin(self.ownership.refresh(&lease_key)).await {
                                 Ok(Claim::Ours(_)) => {}
                                 Ok(Claim::Theirs(_)) => tracing::warn!("conversation lease lost mid-turn"),
                                 Err(e) => tracing::warn!(error = %e, "cannot refresh the conversation lease"),
@@ -295,13 +297,23 @@ impl Bridge {
             .and_then(|r| r.last_turn.as_ref())
             .filter(|t| t.inbound_id == message.id)
             .cloned();
+        // Commands and approvals are boxed: inline, their futures (up to
+        // 11 KiB) would size every turn's future, for a path most messages
+        // never take.
         if resume.is_none() {
             let command = commands::parse(&message.text, &self.config.commands);
             if let Some(command) = command {
                 return match command {
                     Ok(command) => {
-                        self.command(key, message, &route, provider.as_ref(), record, command)
-                            .await
+                        Box::pin(self.command(
+                            key,
+                            message,
+                            &route,
+                            provider.as_ref(),
+                            record,
+                            command,
+                        ))
+                        .await
                     }
                     Err(usage) => {
                         self.notify(message, "command", &format!("❔ {usage}"))
@@ -318,20 +330,24 @@ impl Bridge {
                     .as_ref()
                     .filter(|p| p.action_id == ACTION_TIMEOUT)
                 {
-                    return self
-                        .on_timeout(
-                            key,
-                            delivery,
-                            message,
-                            provider.as_ref(),
-                            &mut record,
-                            &press.value,
-                        )
-                        .await;
+                    return Box::pin(self.on_timeout(
+                        key,
+                        delivery,
+                        message,
+                        provider.as_ref(),
+                        &mut record,
+                        &press.value,
+                    ))
+                    .await;
                 }
-                if let Some(outcome) = self
-                    .on_waiting(key, delivery, message, provider.as_ref(), &mut record)
-                    .await
+                if let Some(outcome) = Box::pin(self.on_waiting(
+                    key,
+                    delivery,
+                    message,
+                    provider.as_ref(),
+                    &mut record,
+                ))
+                .await
                 {
                     return outcome;
                 }
