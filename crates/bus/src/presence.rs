@@ -145,7 +145,7 @@ impl Presence {
             tracing::info!(
                 others = ?others,
                 wait_ms = timings.join_grace.as_millis() as u64,
-                "other replicas are running; waiting until they have seen this one"
+                "other replicas are announced (running, or killed moments ago); waiting until they have seen this one"
             );
             tokio::select! {
                 () = tokio::time::sleep(timings.join_grace) => {}
