@@ -75,6 +75,16 @@ struct State {
     echoed: Option<Instant>,
 }
 
+impl State {
+    /// The other replicas heard of within `stale_after`.
+    fn live(&self, stale_after: Duration) -> impl Iterator<Item = &String> {
+        self.others
+            .iter()
+            .filter(move |(_, seen)| seen.elapsed() < stale_after)
+            .map(|(id, _)| id)
+    }
+}
+
 impl Presence {
     /// Joins the group kept in `bucket` as `me` with default timings; see
     /// [`Presence::join_with`].
@@ -121,7 +131,7 @@ impl Presence {
         let mut watch = inner.watch().await?;
         // Our own entry is in the history, so it is never empty: read it up
         // to its last entry.
-        let caught_up = tokio::time::timeout(timings.stale_after, async {
+        tokio::time::timeout(timings.stale_after, async {
             while let Some(entry) = watch.next().await {
                 let entry = entry.map_err(|e| inner.error(e))?;
                 let last = entry.delta == 0;
@@ -132,13 +142,8 @@ impl Presence {
             }
             Err(inner.error("the watch ended"))
         })
-        .await;
-        match caught_up {
-            Ok(result) => result?,
-            Err(_) => {
-                return Err(inner.error("the watch did not deliver the current entries in time"));
-            }
-        }
+        .await
+        .map_err(|_| inner.error("the watch did not deliver the current entries in time"))??;
         let others = inner.others();
         tracker.spawn(Arc::clone(&inner).keep(watch, shutdown.clone()));
         if !others.is_empty() {
@@ -159,14 +164,11 @@ impl Presence {
     /// tells.
     pub fn alone(&self) -> bool {
         let timings = self.inner.timings;
-        let mut state = self.inner.state.lock().expect("presence lock");
-        let echoed = state
-            .echoed
-            .is_some_and(|at| at.elapsed() < timings.echo_window);
+        let state = self.inner.state.lock().expect("presence lock");
         state
-            .others
-            .retain(|_, seen| seen.elapsed() < timings.stale_after);
-        echoed && state.others.is_empty()
+            .echoed
+            .is_some_and(|at| at.elapsed() < timings.echo_window)
+            && state.live(timings.stale_after).next().is_none()
     }
 
     /// The other replicas heard of recently.
@@ -205,14 +207,19 @@ impl Inner {
 
     fn others(&self) -> Vec<String> {
         let state = self.state.lock().expect("presence lock");
-        let mut others: Vec<String> = state
-            .others
-            .iter()
-            .filter(|(_, seen)| seen.elapsed() < self.timings.stale_after)
-            .map(|(id, _)| id.clone())
-            .collect();
+        let mut others: Vec<String> = state.live(self.timings.stale_after).cloned().collect();
         others.sort();
         others
+    }
+
+    /// Forgets replicas not heard of within `stale_after` and reports how
+    /// many replicas (this one included) are left.
+    fn prune(&self) {
+        let stale_after = self.timings.stale_after;
+        let mut state = self.state.lock().expect("presence lock");
+        state.others.retain(|_, seen| seen.elapsed() < stale_after);
+        metrics::gauge!("hg_replicas_seen", "bucket" => self.bucket.clone())
+            .set((state.others.len() + 1) as f64);
     }
 
     /// Re-announces every `refresh` and follows the watch (recreating it
@@ -229,8 +236,7 @@ impl Inner {
                     if let Err(e) = self.announce().await {
                         tracing::warn!(error = %e, "cannot announce this replica");
                     }
-                    metrics::gauge!("hg_replicas_seen", "bucket" => self.bucket.clone())
-                        .set((self.others().len() + 1) as f64);
+                    self.prune();
                     if watch.is_none() {
                         match self.watch().await {
                             Ok(w) => watch = Some(w),

@@ -265,17 +265,52 @@ fn quick_presence() -> PresenceTimings {
     }
 }
 
-async fn join(bus: &Bus, me: &str, tracker: &TaskTracker, stop: &CancellationToken) -> Presence {
-    Presence::join_with(
+/// A replica joined to the test group; it leaves (deleting its entry) on
+/// [`Member::leave`] and stops its task when dropped.
+struct Member {
+    presence: Presence,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl Member {
+    async fn leave(self) {
+        self.stop.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl std::ops::Deref for Member {
+    type Target = Presence;
+    fn deref(&self) -> &Presence {
+        &self.presence
+    }
+}
+
+async fn join(bus: &Bus, me: &str) -> Member {
+    let (tracker, stop) = (TaskTracker::new(), CancellationToken::new());
+    let presence = Presence::join_with(
         bus,
         "hg_test_replicas",
         me,
         quick_presence(),
-        tracker,
+        &tracker,
         stop.clone(),
     )
     .await
-    .unwrap()
+    .unwrap();
+    Member {
+        presence,
+        tracker,
+        stop,
+    }
 }
 
 /// Polls `check` for up to five seconds.
@@ -293,13 +328,11 @@ async fn eventually(mut check: impl FnMut() -> bool) -> bool {
 async fn a_replica_is_alone_until_another_joins_and_again_once_it_leaves() {
     let server = NatsServer::start();
     let bus = Bus::connect(&config(&server)).await.unwrap();
-    let (tracker, stop) = (TaskTracker::new(), CancellationToken::new());
-    let a = join(&bus, "a", &tracker, &stop).await;
+    let a = join(&bus, "a").await;
     assert!(a.alone());
 
-    let (b_tracker, b_stop) = (TaskTracker::new(), CancellationToken::new());
     let joining = std::time::Instant::now();
-    let b = join(&bus, "b", &b_tracker, &b_stop).await;
+    let b = join(&bus, "b").await;
     assert!(
         joining.elapsed() >= quick_presence().join_grace,
         "a replica that finds others waits before it works"
@@ -311,19 +344,15 @@ async fn a_replica_is_alone_until_another_joins_and_again_once_it_leaves() {
     assert_eq!(b.others(), ["a"]);
 
     // Leaving deletes the entry: the other one is alone again at once.
-    b_stop.cancel();
-    b_tracker.close();
-    b_tracker.wait().await;
+    b.leave().await;
     assert!(eventually(|| a.alone()).await, "others: {:?}", a.others());
-    stop.cancel();
 }
 
 #[tokio::test]
 async fn a_replica_that_died_counts_until_its_entry_is_stale() {
     let server = NatsServer::start();
     let bus = Bus::connect(&config(&server)).await.unwrap();
-    let (tracker, stop) = (TaskTracker::new(), CancellationToken::new());
-    let a = join(&bus, "a", &tracker, &stop).await;
+    let a = join(&bus, "a").await;
     // What a replica that was killed leaves behind: its last put.
     let store = bus
         .jetstream()
@@ -335,15 +364,13 @@ async fn a_replica_that_died_counts_until_its_entry_is_stale() {
     assert_eq!(a.others(), ["dead"]);
     assert!(eventually(|| a.alone()).await, "others: {:?}", a.others());
     assert!(a.others().is_empty());
-    stop.cancel();
 }
 
 #[tokio::test]
 async fn a_replica_whose_watch_is_down_is_not_alone_until_it_works_again() {
     let mut server = NatsServer::start();
     let bus = Bus::connect(&config(&server)).await.unwrap();
-    let (tracker, stop) = (TaskTracker::new(), CancellationToken::new());
-    let a = join(&bus, "a", &tracker, &stop).await;
+    let a = join(&bus, "a").await;
     assert!(a.alone());
     server.kill();
     assert!(
@@ -355,5 +382,4 @@ async fn a_replica_whose_watch_is_down_is_not_alone_until_it_works_again() {
         eventually(|| a.alone()).await,
         "the watch recovers after the server comes back"
     );
-    stop.cancel();
 }
