@@ -2,6 +2,7 @@
 //! bridge replicas, web replicas) and a web chat client that speaks the
 //! public HTTP API the way a browser does.
 
+pub mod browser;
 pub mod telegram;
 
 use std::sync::Arc;
@@ -128,8 +129,15 @@ impl Stack {
 
     /// A web replica on a random port; returns it and its base URL.
     pub async fn web(&self, config: WebConfig) -> (Component, String) {
+        self.web_at(config, "127.0.0.1:0").await
+    }
+
+    /// A web replica listening on `addr` (for example where a stopped
+    /// replica was, so a browser reconnects to it); returns it and its
+    /// base URL.
+    pub async fn web_at(&self, config: WebConfig, addr: &str) -> (Component, String) {
         let bus = self.connect().await;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let stop = CancellationToken::new();
         let token = stop.clone();
