@@ -8,6 +8,15 @@ use hg_e2e::browser::Browser;
 
 const WAIT: Duration = Duration::from_secs(15);
 
+/// Types `text` into the message box and submits the form (the Send
+/// button).
+fn submit(text: &str) -> String {
+    format!(
+        "document.getElementById('text').value = {}; document.getElementById('form').requestSubmit(); true",
+        serde_json::json!(text)
+    )
+}
+
 /// Texts of the page's messages of one kind ("me", "agent", "status").
 fn texts(kind: &str) -> String {
     format!("[...document.querySelectorAll('#log .msg.{kind}')].map(e => e.textContent)")
@@ -37,16 +46,16 @@ async fn the_chat_page_talks_over_its_socket_and_keeps_the_conversation_across_a
     // Count the page's HTTP posts: with the socket open, messages go on it.
     browser
         .eval(
-            "window.posts = 0; const f = window.fetch; \
-             window.fetch = (u, o) => { if (String(u).includes('/api/v1/messages')) window.posts++; return f(u, o); }; true",
+            "window.posts = 0; { const f = window.fetch; \
+             window.fetch = (u, o) => { if (String(u).includes('/api/v1/messages')) window.posts++; return f(u, o); }; } true",
         )
         .await;
 
     // Typing and pressing Enter sends; the reply is rendered Markdown.
     browser
         .eval(
-            "const box = document.getElementById('text'); box.value = 'hello **browser**'; \
-             box.dispatchEvent(new KeyboardEvent('keydown', { key: 'Enter', bubbles: true })); true",
+            "{ const box = document.getElementById('text'); box.value = 'hello **browser**'; \
+             box.dispatchEvent(new KeyboardEvent('keydown', { key: 'Enter', bubbles: true })); } true",
         )
         .await;
     let shown = browser
@@ -67,12 +76,7 @@ async fn the_chat_page_talks_over_its_socket_and_keeps_the_conversation_across_a
 
     // A message over the limit is refused with the server's reason, shown
     // in the page; nothing is lost from the conversation.
-    browser
-        .eval(
-            "document.getElementById('text').value = 'x'.repeat(16001); \
-             document.getElementById('form').requestSubmit(); true",
-        )
-        .await;
+    browser.eval(&submit(&"x".repeat(16_001))).await;
     let refused = browser
         .wait_for(
             &format!("{}.find(t => t.includes('limit'))", texts("status")),
@@ -85,9 +89,7 @@ async fn the_chat_page_talks_over_its_socket_and_keeps_the_conversation_across_a
     );
 
     // A chat command answers in the same conversation.
-    browser
-        .eval("document.getElementById('text').value = '/status'; document.getElementById('form').requestSubmit(); true")
-        .await;
+    browser.eval(&submit("/status")).await;
     browser
         .wait_for(
             "[...document.querySelectorAll('#log .msg')].some(e => e.textContent.includes('turns: 1'))",
@@ -124,9 +126,7 @@ async fn the_chat_page_talks_over_its_socket_and_keeps_the_conversation_across_a
         before,
         "the transcript survives a reload, with nothing replayed twice"
     );
-    browser
-        .eval("document.getElementById('text').value = 'still me'; document.getElementById('form').requestSubmit(); true")
-        .await;
+    browser.eval(&submit("still me")).await;
     browser
         .wait_for(
             &format!("{}.some(t => t.trim() === 'still me')", texts("agent")),
@@ -150,9 +150,7 @@ async fn the_chat_page_reconnects_and_shows_a_reply_it_missed_once() {
             WAIT,
         )
         .await;
-    browser
-        .eval("document.getElementById('text').value = 'before'; document.getElementById('form').requestSubmit(); true")
-        .await;
+    browser.eval(&submit("before")).await;
     browser
         .wait_for(
             &format!("{}.some(t => t.trim() === 'before')", texts("agent")),
