@@ -17,6 +17,20 @@ fn submit(text: &str) -> String {
     )
 }
 
+/// A browser showing the chat page of the web replica at `url`, once the
+/// page has connected.
+async fn chat_page(url: &str) -> Browser {
+    let mut browser = Browser::launch().await;
+    browser.open(&format!("{url}/")).await;
+    browser
+        .wait_for(
+            "document.getElementById('conn').textContent === 'connected'",
+            WAIT,
+        )
+        .await;
+    browser
+}
+
 /// Texts of the page's messages of one kind ("me", "agent", "status").
 fn texts(kind: &str) -> String {
     format!("[...document.querySelectorAll('#log .msg.{kind}')].map(e => e.textContent)")
@@ -27,14 +41,7 @@ async fn the_chat_page_talks_over_its_socket_and_keeps_the_conversation_across_a
     let stack = Stack::start().await;
     let _bridge = stack.echo_bridge().await;
     let (_web, url) = stack.default_web().await;
-    let mut browser = Browser::launch().await;
-    browser.open(&format!("{url}/")).await;
-    browser
-        .wait_for(
-            "document.getElementById('conn').textContent === 'connected'",
-            WAIT,
-        )
-        .await;
+    let mut browser = chat_page(&url).await;
     // The echo runtime says what it is.
     browser
         .wait_for(
@@ -142,14 +149,7 @@ async fn the_chat_page_reconnects_and_shows_a_reply_it_missed_once() {
     let (web, url) = stack.default_web().await;
     // Another replica stays up while the page's one restarts.
     let (_other, other_url) = stack.default_web().await;
-    let mut browser = Browser::launch().await;
-    browser.open(&format!("{url}/")).await;
-    browser
-        .wait_for(
-            "document.getElementById('conn').textContent === 'connected'",
-            WAIT,
-        )
-        .await;
+    let mut browser = chat_page(&url).await;
     browser.eval(&submit("before")).await;
     browser
         .wait_for(
