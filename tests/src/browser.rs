@@ -179,29 +179,25 @@ impl Browser {
         }
     }
 
-    /// Evaluates `expression` until it is truthy, and returns that value;
-    /// fails the test with the last value after `timeout`.
+    /// Evaluates `expression` until it is truthy (as JavaScript judges),
+    /// and returns that value; fails the test with the last value after
+    /// `timeout`.
     pub async fn wait_for(&mut self, expression: &str, timeout: Duration) -> Value {
         let until = tokio::time::Instant::now() + timeout;
-        // A page that is still loading may have no such elements yet, or
-        // no context to evaluate in: both count as "not yet".
+        // A falsy value comes back as null. A page that is still loading
+        // may have no such elements yet, or no context to evaluate in: both
+        // count as "not yet".
         let guarded = format!(
-            "(() => {{ try {{ return ({expression}); }} catch (e) {{ return null; }} }})()"
+            "(() => {{ try {{ return ({expression}) || null; }} catch (e) {{ return null; }} }})()"
         );
         loop {
             let value = self.try_eval(&guarded).await.unwrap_or(Value::Null);
-            let truthy = match &value {
-                Value::Null => false,
-                Value::Bool(b) => *b,
-                Value::String(s) => !s.is_empty(),
-                Value::Array(a) => !a.is_empty(),
-                _ => true,
-            };
-            if truthy {
+            if !value.is_null() {
                 return value;
             }
             if tokio::time::Instant::now() >= until {
-                panic!("still not true after {timeout:?}: {expression} (last value {value})");
+                let last = self.try_eval(expression).await;
+                panic!("still not true after {timeout:?}: {expression} (last value {last:?})");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -31,6 +31,19 @@ async fn chat_page(url: &str) -> Browser {
     browser
 }
 
+/// True once the agent's replies include `text` (replies are rendered
+/// HTML, so their text ends with a newline).
+fn agent_said(text: &str) -> String {
+    format!(
+        "{}.some(t => t.trim() === {})",
+        texts("agent"),
+        serde_json::json!(text)
+    )
+}
+
+/// Texts of all the page's messages, in order.
+const ALL_MESSAGES: &str = "[...document.querySelectorAll('#log .msg')].map(e => e.textContent)";
+
 /// Texts of the page's messages of one kind ("me", "agent", "status").
 fn texts(kind: &str) -> String {
     format!("[...document.querySelectorAll('#log .msg.{kind}')].map(e => e.textContent)")
@@ -111,9 +124,7 @@ async fn the_chat_page_talks_over_its_socket_and_keeps_the_conversation_across_a
 
     // After a reload the conversation is still there and the page
     // reconnects with the same user: the next reply arrives too.
-    let before = browser
-        .eval("[...document.querySelectorAll('#log .msg')].map(e => e.textContent)")
-        .await;
+    let before = browser.eval(ALL_MESSAGES).await;
     browser
         .eval("window.before_reload = true; location.reload(); true")
         .await;
@@ -127,19 +138,12 @@ async fn the_chat_page_talks_over_its_socket_and_keeps_the_conversation_across_a
     // socket's ready frame.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        browser
-            .eval("[...document.querySelectorAll('#log .msg')].map(e => e.textContent)")
-            .await,
+        browser.eval(ALL_MESSAGES).await,
         before,
         "the transcript survives a reload, with nothing replayed twice"
     );
     browser.eval(&submit("still me")).await;
-    browser
-        .wait_for(
-            &format!("{}.some(t => t.trim() === 'still me')", texts("agent")),
-            WAIT,
-        )
-        .await;
+    browser.wait_for(&agent_said("still me"), WAIT).await;
 }
 
 #[tokio::test]
@@ -151,12 +155,7 @@ async fn the_chat_page_reconnects_and_shows_a_reply_it_missed_once() {
     let (_other, other_url) = stack.default_web().await;
     let mut browser = chat_page(&url).await;
     browser.eval(&submit("before")).await;
-    browser
-        .wait_for(
-            &format!("{}.some(t => t.trim() === 'before')", texts("agent")),
-            WAIT,
-        )
-        .await;
+    browser.wait_for(&agent_said("before"), WAIT).await;
 
     // The page's server goes away; the page says so.
     web.stop().await;
@@ -189,12 +188,7 @@ async fn the_chat_page_reconnects_and_shows_a_reply_it_missed_once() {
     // event id it saw and gets the missed reply, once.
     let addr = url.trim_start_matches("http://");
     let (_web, _) = stack.web_at(hg_e2e::web_config(), addr).await;
-    browser
-        .wait_for(
-            &format!("{}.some(t => t.trim() === 'while away')", texts("agent")),
-            WAIT,
-        )
-        .await;
+    browser.wait_for(&agent_said("while away"), WAIT).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let agent = browser.eval(&texts("agent")).await;
     let agent: Vec<&str> = agent
